@@ -1,0 +1,202 @@
+"""The ``hericap`` command line: prepare, train, eval, demo.
+
+Training and evaluation take the seed's dotted overrides (``optimizer.batch_size=32``,
+``split='test'``); ``preset=NAME`` picks a preset (``demo``, ``coco``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from hericap.config.loader import ConfigError, from_dict, list_presets, load_config
+
+logger = logging.getLogger("hericap")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """HeriCap's loggers at ``level``; everything else (Ray's internals) at WARNING."""
+    logging.basicConfig(
+        level=logging.WARNING,
+        datefmt="%H:%M:%S",
+        force=True,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("hericap").setLevel(level)
+
+
+def _config(overrides: Sequence[str], default_preset: str):
+    has_preset = any(o.split("=", 1)[0] == "preset" for o in overrides)
+    return load_config(overrides, preset=None if has_preset else default_preset)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from hericap.data.prepare import PREPARERS, prepare_synthetic
+
+    if args.dataset not in PREPARERS:
+        raise SystemExit(f"unknown dataset '{args.dataset}'; known: {sorted(PREPARERS)}")
+    m = prepare_synthetic(
+        args.out,
+        num_train=args.num_train,
+        num_val=args.num_val,
+        num_test=args.num_test,
+        seed=args.seed,
+        image_size=args.image_size,
+        min_count=args.min_count,
+        shard_rows=args.shard_rows,
+    )
+    print(
+        json.dumps(
+            {
+                "out": str(m.root),
+                "counts": m.counts,
+                "shards": len(m.shards),
+                "vocab_size": m.info["vocab_size"],
+            }
+        )
+    )
+    return 0
+
+
+def _train_and_test(cfg, skip_test: bool = False) -> dict | None:
+    from hericap.training.driver import train
+    from hericap.training.evaluate import evaluate_checkpoint
+    from hericap.training.ray_utils import init_ray
+
+    started = init_ray(cfg.exp.ray_address, cfg.exp.ray_num_cpus)
+    try:
+        outcome = train(cfg)
+        logger.info(
+            "training took %.0fs; best val CIDEr %.3f (epoch %d)",
+            outcome.wall_s,
+            outcome.best_metrics["val_CIDEr"],
+            outcome.best_metrics["epoch"],
+        )
+        if skip_test:
+            return None
+        return evaluate_checkpoint(cfg, outcome.best_checkpoint, "test")
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _config(args.overrides, default_preset="coco")
+    report = _train_and_test(cfg, skip_test=args.no_test)
+    if report is not None:
+        from hericap.evaluation.report import format_table
+
+        print(format_table(report))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from hericap.evaluation.report import format_table
+    from hericap.training.evaluate import evaluate_checkpoint
+    from hericap.training.ray_utils import init_ray
+
+    pre = load_config(args.overrides, preset=None, validate=False) if args.overrides else None
+    ckpt = pre.exp.checkpoint if pre else None
+    if not ckpt:
+        raise ConfigError("eval needs exp.checkpoint=PATH (a HeriCap checkpoint folder)")
+    saved = Path(ckpt) / "config.json"
+    if not saved.is_file():
+        raise FileNotFoundError(f"{ckpt} is not a HeriCap checkpoint folder (no config.json)")
+    # The checkpoint's own config is the base; the command line overrides it.
+    base = from_dict(json.loads(saved.read_text()))
+    cfg = load_config(args.overrides, base=base)
+    started = init_ray(cfg.exp.ray_address, cfg.exp.ray_num_cpus)
+    try:
+        report = evaluate_checkpoint(cfg, ckpt, cfg.split)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    print(format_table(report))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from hericap.evaluation.report import format_table
+
+    t0 = time.time()
+    cfg = load_config(args.overrides, preset="demo")
+    report = _train_and_test(cfg)
+    scores = {
+        "split": report["split"],
+        "num_images": report["num_images"],
+        "metrics": report["metrics"],
+        "metrics_4ref": report["metrics_4ref"],
+        "oracle": report["oracle"],
+        "semantic": report["semantic"],
+        "oracle_semantic": report["oracle_semantic"],
+        "checkpoint": report["checkpoint"],
+        "decode": report["decode"],
+        "spice_status": report["spice_status"],
+        "wall_s": time.time() - t0,
+    }
+    out = Path(cfg.run_dir) / "test_scores.json"
+    out.write_text(json.dumps(scores, indent=1))
+    print()
+    print(
+        f"HeriCap demo: {report['num_images']} synthetic test images, "
+        f"beam {report['decode']['beam_size']}, {time.time() - t0:.0f}s in all"
+    )
+    print(format_table(report))
+    print(f"\nscores: {out}\ncheckpoint: {report['checkpoint']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hericap", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    prep = sub.add_parser("prepare", help="write a dataset as Parquet shards + vocabulary")
+    prep.add_argument("dataset", help="dataset name (synthetic)")
+    prep.add_argument("--out", required=True, help="output folder")
+    prep.add_argument("--num-train", type=int, default=6000)
+    prep.add_argument("--num-val", type=int, default=250)
+    prep.add_argument("--num-test", type=int, default=500)
+    prep.add_argument("--seed", type=int, default=0)
+    prep.add_argument("--image-size", type=int, default=64)
+    prep.add_argument("--min-count", type=int, default=5, help="vocabulary min word count")
+    prep.add_argument("--shard-rows", type=int, default=1000)
+    prep.set_defaults(func=cmd_prepare)
+
+    overrides_help = f"key=value overrides; preset=NAME picks one of {list_presets()}"
+    tr = sub.add_parser("train", help="train on Ray, then score the test split")
+    tr.add_argument("overrides", nargs="*", help=overrides_help)
+    tr.add_argument("--no-test", action="store_true", help="skip test decoding and scoring")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="decode and score a split with exp.checkpoint=PATH")
+    ev.add_argument("overrides", nargs="*", help=overrides_help)
+    ev.set_defaults(func=cmd_eval)
+
+    demo = sub.add_parser("demo", help="synthetic data -> Ray Train -> test scores table")
+    demo.add_argument("overrides", nargs="*", help=overrides_help)
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        logger.error("%s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""The configuration schema shared by every entrypoint.
+
+The key tree follows the research code that seed users know (GRIT / HierCap Hydra configs):
+``exp.*``, ``dataset.*``, ``model.*``, ``model.detector.*``, ``model.cap_generator.*`` and
+``optimizer.*``, plus what Ray needs (workers, GPUs, storage path) and the evaluation split
+(``split``). Modules never receive these objects: builders turn sections into keyword arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = [
+    "CapGeneratorConfig",
+    "Config",
+    "DatasetConfig",
+    "DecodeConfig",
+    "DetectorConfig",
+    "ExpConfig",
+    "ExtractorConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+]
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class ExpConfig:
+    """Run identity, placement on Ray, and where outputs go."""
+
+    name: str = "caption"
+    seed: int = 123
+    # Outputs go to <output_dir>/<name>/ (checkpoints, scores, results).
+    output_dir: str = "outputs"
+    # Ray Train storage (local folder); defaults to <output_dir>/<name>/runs.
+    storage_path: str | None = None
+    # Checkpoint folder to evaluate or serve (eval entrypoint).
+    checkpoint: str | None = None
+    # Continue the run of the same name from its latest checkpoint instead of replacing it.
+    resume: bool = False
+    # Seed keys: world_size is the number of Ray Train workers, ngpus_per_node > 0 asks for GPUs.
+    world_size: int = 1
+    ngpus_per_node: int = 0
+    cpus_per_worker: float = 1.0
+    # torch intra-op threads per worker; 0 means "as many as cpus_per_worker, at least 1".
+    torch_threads: int = 0
+    # Ray cluster to join (None: start or reuse a local one).
+    ray_address: str | None = None
+    # Logical CPUs of a local Ray cluster started by us (None: Ray's default, the machine's cores).
+    ray_num_cpus: int | None = None
+    # Mirrors of research-code keys kept for command compatibility.
+    rank: int = 0
+    eval: bool = False
+    start_epoch: int = 0
+
+
+@dataclass
+class DatasetConfig:
+    """Which dataset, where its shards are, and how images and captions are prepared."""
+
+    name: str = "synthetic"
+    # Raw dataset root (COCO/Flickr/nocaps layouts); seed users set DATA_ROOT.
+    root: str = "${oc.env:DATA_ROOT,data}"
+    # Prepared Parquet shards; defaults to <output_dir>/data/<dataset.name>.
+    shard_dir: str | None = None
+    # Train on a small fixed subset, with val = that same subset (debugging, as in the seed).
+    overfit: bool = False
+    overfit_size: int = 64
+    image_size: int = 64
+    vocab_min_count: int = 5
+    max_caption_len: int = 20
+    # Synthetic dataset sizes and seed (ignored for other datasets).
+    synthetic_train: int = 6000
+    synthetic_val: int = 250
+    synthetic_test: int = 500
+    synthetic_seed: int = 0
+    shard_rows: int = 1000
+    # Images per Ray Data map_batches call, and how many decode tasks run at once.
+    decode_batch_size: int = 64
+    decode_concurrency: int = 1
+    local_shuffle_buffer: int = 1000
+    # Limits the val/test images used (0: all). Val is scored every epoch.
+    max_val_images: int = 0
+    max_test_images: int = 0
+
+
+@dataclass
+class ExtractorConfig:
+    """The timm Swin backbone (random init unless ``checkpoint`` names a local file)."""
+
+    patch_size: int = 4
+    embed_dim: int = 32
+    depths: list[int] = field(default_factory=lambda: [2, 2])
+    num_heads: list[int] = field(default_factory=lambda: [2, 4])
+    window_size: int = 8
+    checkpoint: str | None = None
+
+
+@dataclass
+class DetectorConfig:
+    """Region sub-encoder (Deformable DETR decoder); checkpoint: the seed's region_ckpt.pth."""
+
+    checkpoint: str | None = None
+    d_model: int = 512
+    dim_feedforward: int = 1024
+    num_heads: int = 8
+    num_layers: int = 6
+    num_levels: int = 4
+    num_points: int = 4
+    num_queries: int = 150
+    num_classes: int = 1849
+    dropout: float = 0.1
+    activation: str = "relu"
+    with_box_refine: bool = True
+    allow_partial_load: bool = False
+
+
+@dataclass
+class CapGeneratorConfig:
+    """The hierarchical decoder."""
+
+    decoder_name: str = "Parallel"
+    n_layers: int = 3
+    activation: str = "relu"
+
+
+@dataclass
+class ModelConfig:
+    """The captioning model: extractor, sub-encoders and decoder."""
+
+    d_model: int = 512
+    n_heads: int = 8
+    d_ff: int = 2048
+    dropout: float = 0.2
+    attn_dropout: float = 0.2
+    grid_layers: int = 3
+    global_layers: int = 3
+    use_gri_feat: bool = True
+    use_reg_feat: bool = False
+    use_glob_feat: bool = False
+    frozen_stages: int = -1
+    extractor: ExtractorConfig = field(default_factory=ExtractorConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    cap_generator: CapGeneratorConfig = field(default_factory=CapGeneratorConfig)
+    # Decoding defaults (the paper: beam 5, 20 words).
+    beam_size: int = 5
+    beam_len: int = 20
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimisation: phases, learning rates, batch size."""
+
+    batch_size: int = 32
+    # Data-loading parallelism (seed key); maps to Ray Data decode concurrency when > 0.
+    num_workers: int = 2
+    freezing_xe_epochs: int = 0
+    freezing_sc_epochs: int = 0
+    finetune_xe_epochs: int = 10
+    finetune_sc_epochs: int = 0
+    xe_lr: float = 1e-4
+    xe_backbone_lr: float = 1e-5
+    sc_lr: float = 5e-6
+    sc_backbone_lr: float = 5e-6
+    warmup_steps: int = 1000
+    min_lr_ratio: float = 0.01
+    weight_decay: float = 0.01
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.0
+    # Captions used per image per step (each image is encoded once and decodes all of them).
+    captions_per_image: int = 5
+    # Stop after this many optimisation steps in total (0: no limit); tests use it.
+    max_steps: int = 0
+    checkpoint_num_to_keep: int = 2
+
+
+@dataclass
+class DecodeConfig:
+    """How val/test captions are decoded."""
+
+    val_beam_size: int = 1
+    test_beam_size: int = 5
+    max_len: int = 20
+    length_penalty: float = 0.0
+    batch_size: int = 100
+
+
+@dataclass
+class Config:
+    """The whole configuration of a HeriCap run."""
+
+    preset: str = "coco"
+    split: str = "test"
+    exp: ExpConfig = field(default_factory=ExpConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+    def validate(self) -> None:
+        """Cross-field checks; raises ``ValueError`` saying what to change."""
+        if self.split not in SPLITS:
+            raise ValueError(f"split={self.split!r} is not one of {list(SPLITS)}")
+        if self.exp.world_size < 1:
+            raise ValueError(f"exp.world_size={self.exp.world_size} must be >= 1")
+        if self.exp.ngpus_per_node < 0:
+            raise ValueError(f"exp.ngpus_per_node={self.exp.ngpus_per_node} must be >= 0")
+        if self.exp.cpus_per_worker <= 0:
+            raise ValueError(f"exp.cpus_per_worker={self.exp.cpus_per_worker} must be > 0")
+        if self.model.d_model % self.model.n_heads:
+            raise ValueError(
+                f"model.d_model={self.model.d_model} must be divisible by "
+                f"model.n_heads={self.model.n_heads}"
+            )
+        ext = self.model.extractor
+        if len(ext.depths) != len(ext.num_heads):
+            raise ValueError(
+                f"model.extractor.depths={ext.depths} and model.extractor.num_heads="
+                f"{ext.num_heads} must have the same length (one entry per Swin stage)"
+            )
+        if not (self.model.use_gri_feat or self.model.use_reg_feat or self.model.use_glob_feat):
+            raise ValueError(
+                "at least one of model.use_gri_feat / use_reg_feat / use_glob_feat must be True"
+            )
+        opt = self.optimizer
+        if opt.batch_size < 1:
+            raise ValueError(f"optimizer.batch_size={opt.batch_size} must be >= 1")
+        if opt.captions_per_image < 1:
+            raise ValueError(f"optimizer.captions_per_image={opt.captions_per_image} must be >= 1")
+        for key in (
+            "freezing_xe_epochs",
+            "freezing_sc_epochs",
+            "finetune_xe_epochs",
+            "finetune_sc_epochs",
+        ):
+            if getattr(opt, key) < 0:
+                raise ValueError(f"optimizer.{key}={getattr(opt, key)} must be >= 0")
+        if self.decode.test_beam_size < 1 or self.decode.val_beam_size < 1:
+            raise ValueError("decode.val_beam_size and decode.test_beam_size must be >= 1")
+
+    @property
+    def run_dir(self) -> str:
+        """``<output_dir>/<exp.name>``: everything this run writes."""
+        import os
+
+        return os.path.join(self.exp.output_dir, self.exp.name)

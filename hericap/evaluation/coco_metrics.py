@@ -1,0 +1,210 @@
+"""Caption metrics through the coco-caption toolkit (``pycocoevalcap``).
+
+PTB tokenisation (Java), BLEU-1..4, METEOR 1.5 (Java), ROUGE-L and CIDEr-D exactly as the toolkit
+computes them. SPICE needs the Stanford CoreNLP 3.6.0 jars, which the toolkit downloads on first
+use (impossible offline): HeriCap looks for them (``HERICAP_SPICE_JARS`` or the toolkit's own
+``spice/lib``), reports SPICE as unavailable with the reason when they are missing, and otherwise
+runs SPICE under Java 17 with the module flags it needs and its temp/cache folders outside
+site-packages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "METRIC_KEYS",
+    "CocoScorer",
+    "SpiceStatus",
+    "find_spice",
+]
+
+logger = logging.getLogger(__name__)
+
+METRIC_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
+SPICE_ENV = "HERICAP_SPICE_JARS"
+# Java >= 9 closes these packages; SPICE's LMDB cache and CoreNLP reach into them.
+_JAVA_OPENS = [
+    "--add-opens",
+    "java.base/java.lang=ALL-UNNAMED",
+    "--add-opens",
+    "java.base/java.nio=ALL-UNNAMED",
+    "--add-opens",
+    "java.base/sun.nio.ch=ALL-UNNAMED",
+    "--add-opens",
+    "java.base/java.util=ALL-UNNAMED",
+]
+
+
+@dataclass
+class SpiceStatus:
+    available: bool
+    reason: str
+    classpath: list[str]
+
+
+def _toolkit_dir() -> Path:
+    # pycocoevalcap is a namespace package (no __file__); locate it through a module.
+    import pycocoevalcap.bleu.bleu as bleu_module
+
+    return Path(bleu_module.__file__).parent.parent
+
+
+def find_spice(jar_dir: str | None = None) -> SpiceStatus:
+    """Whether SPICE can run: Java on PATH and both CoreNLP 3.6.0 jars found.
+
+    Args:
+        jar_dir: folder holding the CoreNLP jars; defaults to ``$HERICAP_SPICE_JARS``, then the
+            toolkit's ``spice/lib``.
+    """
+    spice_dir = _toolkit_dir() / "spice"
+    candidates = [Path(d) for d in (jar_dir, os.environ.get(SPICE_ENV)) if d]
+    candidates.append(spice_dir / "lib")
+    if shutil.which("java") is None:
+        return SpiceStatus(False, "java is not on PATH", [])
+    for d in candidates:
+        if all((d / j).is_file() for j in CORENLP_JARS):
+            classpath = [
+                str(spice_dir / "spice-1.0.jar"),
+                str(spice_dir / "lib" / "*"),
+                *(str(d / j) for j in CORENLP_JARS),
+            ]
+            return SpiceStatus(True, f"CoreNLP jars in {d}", classpath)
+    return SpiceStatus(
+        False,
+        f"Stanford CoreNLP 3.6.0 jars ({', '.join(CORENLP_JARS)}) not found in "
+        f"{', '.join(str(c) for c in candidates)}; set {SPICE_ENV} to their folder",
+        [],
+    )
+
+
+def _run_spice(
+    status: SpiceStatus, gts: Mapping[str, list[str]], res: Mapping[str, list[str]]
+) -> float:
+    """Run SPICE with temp and cache folders in the system temp dir (not site-packages)."""
+    work = Path(tempfile.mkdtemp(prefix="hericap-spice-"))
+    cache = Path(tempfile.gettempdir()) / "hericap-spice-cache"
+    cache.mkdir(exist_ok=True)
+    try:
+        data = [{"image_id": k, "test": res[k][0], "refs": list(gts[k])} for k in res]
+        (work / "in.json").write_text(json.dumps(data))
+        cmd = [
+            "java",
+            *_JAVA_OPENS,
+            "-Xmx8G",
+            "-cp",
+            os.pathsep.join(status.classpath),
+            "edu.anu.spice.SpiceScorer",
+            str(work / "in.json"),
+            "-cache",
+            str(cache),
+            "-out",
+            str(work / "out.json"),
+            "-subset",
+            "-silent",
+        ]
+        proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"SPICE failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        results = json.loads((work / "out.json").read_text())
+        # As the toolkit: undefined per-image F-scores count as NaN in the mean.
+        scores = [r["scores"]["All"]["f"] for r in results]
+        return float(np.mean([np.nan if s is None else float(s) for s in scores]))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+class CocoScorer:
+    """Score captions with the coco-caption toolkit; reuses one METEOR JVM across calls.
+
+    Args:
+        meteor: compute METEOR (starts a 2 GB JVM).
+        spice_jars: folder of the CoreNLP jars for SPICE (see :func:`find_spice`).
+    """
+
+    def __init__(self, meteor: bool = True, spice_jars: str | None = None) -> None:
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+        from pycocoevalcap.rouge.rouge import Rouge
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        self._tokenizer = PTBTokenizer()
+        self._bleu, self._rouge, self._cider = Bleu(4), Rouge(), Cider()
+        self._meteor = None
+        if meteor:
+            from pycocoevalcap.meteor.meteor import Meteor
+
+            self._meteor = Meteor()
+        self.spice = find_spice(spice_jars)
+        if not self.spice.available:
+            logger.info("SPICE unavailable: %s", self.spice.reason)
+
+    def tokenize(self, captions: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+        """PTB-tokenise (Java) ``{id: [caption, ...]}``."""
+        return self._tokenizer.tokenize(
+            {k: [{"caption": c} for c in v] for k, v in captions.items()}
+        )
+
+    def score(
+        self, references: Mapping[str, Sequence[str]], candidates: Mapping[str, str]
+    ) -> dict[str, float | None]:
+        """Corpus scores of one candidate per image against its references.
+
+        Returns every key of :data:`METRIC_KEYS` (``SPICE`` is ``None`` when unavailable).
+        """
+        if set(references) != set(candidates):
+            missing = sorted(set(references) - set(candidates))[:5]
+            extra = sorted(set(candidates) - set(references))[:5]
+            raise ValueError(f"ids differ: without candidate {missing}, without references {extra}")
+        if not candidates:
+            raise ValueError("nothing to score")
+        gts = self.tokenize(references)
+        res = self.tokenize({k: [v] for k, v in candidates.items()})
+        out: dict[str, float | None] = {}
+        bleu, _ = self._bleu.compute_score(gts, res, verbose=0)
+        out.update({f"Bleu_{i + 1}": float(b) for i, b in enumerate(bleu)})
+        out["METEOR"] = float(self._meteor.compute_score(gts, res)[0]) if self._meteor else None
+        out["ROUGE_L"] = float(self._rouge.compute_score(gts, res)[0])
+        out["CIDEr"] = float(self._cider.compute_score(gts, res)[0])
+        out["SPICE"] = _run_spice(self.spice, gts, res) if self.spice.available else None
+        return out
+
+    def close(self) -> None:
+        if self._meteor is not None:
+            with self._meteor.lock:
+                self._meteor.meteor_p.stdin.close()
+                self._meteor.meteor_p.kill()
+                self._meteor.meteor_p.wait()
+            self._meteor = None
+
+    def __enter__(self) -> CocoScorer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def cider_d(references: Mapping[str, Sequence[str]], candidates: Mapping[str, str]) -> float:
+    """The toolkit's CIDEr-D on pre-tokenised text (no JVM): for per-epoch validation.
+
+    Captions are tokenised with :func:`hericap.data.text.tokenize` (lowercase, punctuation
+    dropped), which is what the PTB tokeniser yields on HeriCap's own caption text.
+    """
+    from pycocoevalcap.cider.cider import Cider
+
+    from hericap.data.text import tokenize
+
+    gts = {k: [" ".join(tokenize(c)) for c in v] for k, v in references.items()}
+    res = {k: [" ".join(tokenize(v))] for k, v in candidates.items()}
+    return float(Cider().compute_score(gts, res)[0])

@@ -1,0 +1,54 @@
+"""Caption images with a checkpoint (no Ray; Ray Data uses it as a ``map_batches`` class)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from hericap.data.transforms import normalize_images
+from hericap.training.checkpoint import load_checkpoint
+
+__all__ = ["CaptionPredictor"]
+
+
+class CaptionPredictor:
+    """Loads a checkpoint folder once and captions batches of decoded images.
+
+    Args:
+        checkpoint: checkpoint folder.
+        beam_size: 1 for greedy, else beam search.
+        max_len: words at most.
+        length_penalty: beam ranking length penalty.
+        torch_threads: intra-op threads (0: leave torch's default).
+    """
+
+    def __init__(
+        self,
+        checkpoint: str,
+        beam_size: int = 5,
+        max_len: int = 20,
+        length_penalty: float = 0.0,
+        torch_threads: int = 0,
+    ) -> None:
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.ckpt = load_checkpoint(checkpoint)
+        self.beam_size, self.max_len, self.length_penalty = beam_size, max_len, length_penalty
+
+    def caption(self, images: np.ndarray) -> list[str]:
+        """``uint8 [B, H, W, 3]`` -> one caption per image."""
+        if len(images) == 0:
+            return []
+        out = self.ckpt.model.generate(
+            normalize_images(images),
+            beam_size=self.beam_size,
+            max_len=self.max_len,
+            length_penalty=self.length_penalty,
+        )
+        return [self.ckpt.vocab.decode(seq[0].tolist()) for seq in out.tokens]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {
+            "image_id": batch["image_id"],
+            "caption": np.array(self.caption(batch["image"]), dtype=object),
+        }

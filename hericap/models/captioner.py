@@ -1,0 +1,99 @@
+"""The captioning model: extractor -> sub-encoders -> hierarchical decoder.
+
+Only the grid branch is built so far; the region (Deformable DETR) and global (relation-aware
+attention) sub-encoders plug in as further memories named ``region`` and ``global``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hericap.models.decoder import HierarchicalDecoder
+from hericap.models.decoding import DecodeOutput, beam_search, greedy_decode, sample_decode
+from hericap.models.encoders import GridEncoder, SwinExtractor
+
+__all__ = ["Captioner"]
+
+
+class Captioner(nn.Module):
+    """Image captioner.
+
+    Args:
+        extractor: backbone returning NHWC feature maps.
+        grid_encoder: grid sub-encoder over the last map.
+        decoder: hierarchical decoder over the memories.
+        bos_idx: begin-of-sentence token; ``eos_idx`` and ``pad_idx`` likewise.
+    """
+
+    def __init__(
+        self,
+        extractor: SwinExtractor,
+        grid_encoder: GridEncoder,
+        decoder: HierarchicalDecoder,
+        bos_idx: int = 2,
+        eos_idx: int = 3,
+        pad_idx: int = 1,
+    ) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.grid_encoder = grid_encoder
+        self.decoder = decoder
+        self.bos_idx, self.eos_idx, self.pad_idx = bos_idx, eos_idx, pad_idx
+
+    def encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``images [B, 3, H, W]`` (normalised) -> memories ``{"grid": [B, N, D]}``."""
+        maps = self.extractor(images)
+        return {"grid": self.grid_encoder(maps[-1])}
+
+    def forward(
+        self, images: torch.Tensor, tokens: torch.Tensor, captions_per_image: int = 1
+    ) -> torch.Tensor:
+        """Teacher-forced log-probs ``[B * captions_per_image, T, V]``.
+
+        ``tokens`` holds ``captions_per_image`` captions per image, image-major; each image is
+        encoded once and all its captions attend the same memories.
+        """
+        memories = self.encode(images)
+        log_probs, _ = self.decoder(tokens, memories, captions_per_memory=captions_per_image)
+        return log_probs
+
+    def _ids(self) -> dict[str, int]:
+        return {"bos_idx": self.bos_idx, "eos_idx": self.eos_idx, "pad_idx": self.pad_idx}
+
+    @torch.no_grad()
+    def generate(
+        self,
+        images: torch.Tensor,
+        beam_size: int = 5,
+        max_len: int = 20,
+        length_penalty: float = 0.0,
+        n_best: int = 1,
+    ) -> DecodeOutput:
+        """Caption images: greedy when ``beam_size == 1``, else beam search."""
+        memories = self.encode(images)
+        if beam_size == 1:
+            return greedy_decode(self.decoder, memories, max_len, **self._ids())
+        return beam_search(
+            self.decoder,
+            memories,
+            beam_size,
+            max_len,
+            length_penalty=length_penalty,
+            n_best=n_best,
+            **self._ids(),
+        )
+
+    def sample(
+        self, images: torch.Tensor, num_samples: int, max_len: int = 20, temperature: float = 1.0
+    ) -> DecodeOutput:
+        """``num_samples`` sampled captions per image, with gradients (SCST)."""
+        memories = self.encode(images)
+        return sample_decode(
+            self.decoder,
+            memories,
+            max_len,
+            num_samples=num_samples,
+            temperature=temperature,
+            **self._ids(),
+        )

@@ -1,0 +1,197 @@
+"""Caption decoding over the decoder's key/value cache: greedy, beam search and sampling.
+
+All functions take a decoder with ``init_cache``/``step``/``reorder_cache`` (see
+:class:`~hericap.models.decoder.HierarchicalDecoder`) and already-encoded memories, so the image
+encoder runs once per image whatever the decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["DecodeOutput", "beam_search", "greedy_decode", "sample_decode"]
+
+Memories = dict[str, torch.Tensor]
+
+
+@dataclass
+class DecodeOutput:
+    """``tokens [B, n, T]`` (words then ``<eos>``, padded), ``log_probs [B, n]`` (sum over the
+    tokens, ``<eos>`` included) and ``lengths [B, n]`` (tokens incl. ``<eos>``)."""
+
+    tokens: torch.Tensor
+    log_probs: torch.Tensor
+    lengths: torch.Tensor
+
+
+def _expand(memories: Memories, k: int) -> Memories:
+    return {name: m.repeat_interleave(k, dim=0) for name, m in memories.items()}
+
+
+def _batch_size(memories: Memories) -> int:
+    return next(iter(memories.values())).shape[0]
+
+
+@torch.no_grad()
+def greedy_decode(
+    decoder, memories: Memories, max_len: int, bos_idx: int, eos_idx: int, pad_idx: int
+) -> DecodeOutput:
+    """Arg-max decoding of at most ``max_len`` words (then ``<eos>`` is forced)."""
+    return _sequential_decode(
+        decoder,
+        memories,
+        max_len,
+        bos_idx,
+        eos_idx,
+        pad_idx,
+        sample=False,
+        temperature=1.0,
+        num_samples=1,
+    )
+
+
+def sample_decode(
+    decoder,
+    memories: Memories,
+    max_len: int,
+    bos_idx: int,
+    eos_idx: int,
+    pad_idx: int,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> DecodeOutput:
+    """Multinomial sampling of ``num_samples`` captions per image (SCST).
+
+    Runs with gradients enabled when the caller has them on, so log-probs can be trained on.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0")
+    return _sequential_decode(
+        decoder,
+        memories,
+        max_len,
+        bos_idx,
+        eos_idx,
+        pad_idx,
+        sample=True,
+        temperature=temperature,
+        num_samples=num_samples,
+        generator=generator,
+    )
+
+
+def _sequential_decode(
+    decoder,
+    memories,
+    max_len,
+    bos_idx,
+    eos_idx,
+    pad_idx,
+    sample,
+    temperature,
+    num_samples,
+    generator=None,
+) -> DecodeOutput:
+    b = _batch_size(memories)
+    mem = _expand(memories, num_samples) if num_samples > 1 else memories
+    n = b * num_samples
+    device = next(iter(memories.values())).device
+    cache = decoder.init_cache()
+    last = torch.full((n,), bos_idx, dtype=torch.long, device=device)
+    finished = torch.zeros(n, dtype=torch.bool, device=device)
+    tokens, logps = [], []
+    for t in range(max_len + 1):
+        logp, _ = decoder.step(last, mem, cache, t)
+        if t == max_len:  # out of words: end here
+            choice = torch.full_like(last, eos_idx)
+        elif sample:
+            probs = (logp.detach() / temperature).softmax(-1)
+            choice = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        else:
+            choice = logp.argmax(-1)
+        choice = torch.where(finished, torch.full_like(choice, pad_idx), choice)
+        step_logp = logp.gather(1, choice[:, None]).squeeze(1)
+        logps.append(torch.where(finished, torch.zeros_like(step_logp), step_logp))
+        tokens.append(choice)
+        finished = finished | (choice == eos_idx)
+        last = choice
+        if bool(finished.all()):
+            break
+    seq = torch.stack(tokens, dim=1)
+    lengths = (seq != pad_idx).sum(1)
+    return DecodeOutput(
+        tokens=seq.view(b, num_samples, -1),
+        log_probs=torch.stack(logps, dim=1).sum(1).view(b, num_samples),
+        lengths=lengths.view(b, num_samples),
+    )
+
+
+@torch.no_grad()
+def beam_search(
+    decoder,
+    memories: Memories,
+    beam_size: int,
+    max_len: int,
+    bos_idx: int,
+    eos_idx: int,
+    pad_idx: int,
+    length_penalty: float = 0.0,
+    n_best: int = 1,
+) -> DecodeOutput:
+    """Batched beam search over the decoder's cache.
+
+    Args:
+        beam_size: beams per image.
+        max_len: words at most; ``<eos>`` is forced after them.
+        length_penalty: final ranking uses ``log_prob / length ** length_penalty`` (0: plain
+            log-prob, the GRIT/M2 setting).
+        n_best: beams returned per image, best first (``<= beam_size``).
+
+    A finished beam stays finished: its only continuation is padding at no cost.
+    """
+    if not 1 <= n_best <= beam_size:
+        raise ValueError(f"n_best={n_best} must be in [1, beam_size={beam_size}]")
+    b, k = _batch_size(memories), beam_size
+    mem = _expand(memories, k)
+    device = next(iter(memories.values())).device
+    cache = decoder.init_cache()
+    last = torch.full((b * k,), bos_idx, dtype=torch.long, device=device)
+    scores = torch.full((b, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # all beams start identical: expand only the first
+    finished = torch.zeros(b, k, dtype=torch.bool, device=device)
+    seqs = torch.empty(b, k, 0, dtype=torch.long, device=device)
+    offsets = (torch.arange(b, device=device) * k)[:, None]
+    for t in range(max_len + 1):
+        logp, _ = decoder.step(last, mem, cache, t)
+        v = logp.shape[-1]
+        logp = logp.view(b, k, v)
+        if t == max_len:
+            forced = torch.full_like(logp, float("-inf"))
+            forced[..., eos_idx] = logp[..., eos_idx]
+            logp = forced
+        done = torch.full_like(logp, float("-inf"))
+        done[..., pad_idx] = 0.0
+        logp = torch.where(finished[..., None], done, logp)
+        top = (scores[..., None] + logp).view(b, k * v).topk(k, dim=-1)
+        beam_idx, word = top.indices // v, top.indices % v
+        scores = top.values
+        seqs = torch.cat(
+            [seqs.gather(1, beam_idx[..., None].expand(-1, -1, seqs.shape[2])), word[..., None]],
+            dim=2,
+        )
+        finished = finished.gather(1, beam_idx) | (word == eos_idx)
+        decoder.reorder_cache(cache, (offsets + beam_idx).view(-1))
+        last = word.view(-1)
+        if bool(finished.all()):
+            break
+    lengths = (seqs != pad_idx).sum(-1)
+    ranking = scores / lengths.clamp(min=1).float() ** length_penalty if length_penalty else scores
+    order = ranking.argsort(dim=1, descending=True)[:, :n_best]
+    return DecodeOutput(
+        tokens=seqs.gather(1, order[..., None].expand(-1, -1, seqs.shape[2])),
+        log_probs=scores.gather(1, order),
+        lengths=lengths.gather(1, order),
+    )

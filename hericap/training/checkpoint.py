@@ -1,0 +1,111 @@
+"""Self-describing checkpoint folders, and the one function that loads them.
+
+A checkpoint folder holds everything needed to rebuild, evaluate, serve or resume:
+
+* ``model.pt``: the model state dict (tensors only; loaded with ``weights_only=True``);
+* ``training_state.pt``: optimiser, scheduler, RNG states, phase, epoch, step;
+* ``config.json``: the full run config; ``vocab.json``: the vocabulary;
+* ``meta.json``: epoch, step and the metrics reported with it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hericap.config.loader import from_dict, to_dict
+from hericap.config.schema import Config
+from hericap.data.text import Vocabulary
+
+__all__ = ["LoadedCheckpoint", "load_checkpoint", "load_state_dict_strict", "save_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "model.pt"
+STATE_FILE = "training_state.pt"
+CONFIG_FILE = "config.json"
+VOCAB_FILE = "vocab.json"
+META_FILE = "meta.json"
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: nn.Module,
+    config: Config,
+    vocab: Vocabulary,
+    meta: dict[str, Any],
+    training_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint folder (model weights always; training state when given)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), d / MODEL_FILE)
+    if training_state is not None:
+        torch.save(training_state, d / STATE_FILE)
+    (d / CONFIG_FILE).write_text(json.dumps(to_dict(config), indent=1))
+    vocab.save(d / VOCAB_FILE)
+    (d / META_FILE).write_text(json.dumps(meta, indent=1))
+    return d
+
+
+def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load ``state`` into ``model``; any missing or unexpected key is an error listing them."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(
+        k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape)
+    )
+    if missing or unexpected or mismatched:
+        shapes = [(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in mismatched[:10]]
+        raise RuntimeError(
+            f"{what} does not match the model: "
+            f"missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''}; "
+            f"unexpected keys {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}; "
+            f"shape mismatches (key, checkpoint, model) {shapes}"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: nn.Module
+    config: Config
+    vocab: Vocabulary
+    meta: dict[str, Any]
+    path: Path
+
+    def training_state(self) -> dict[str, Any] | None:
+        p = self.path / STATE_FILE
+        return torch.load(p, map_location="cpu", weights_only=True) if p.is_file() else None
+
+
+def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Rebuild the model of a checkpoint folder and load its weights strictly.
+
+    Raises:
+        FileNotFoundError: the folder or one of its files is missing.
+        RuntimeError: the weights do not match the model the config describes.
+    """
+    from hericap.models.builder import build_captioner
+
+    d = Path(directory)
+    for name in (MODEL_FILE, CONFIG_FILE, VOCAB_FILE):
+        if not (d / name).is_file():
+            raise FileNotFoundError(
+                f"{d} is not a HeriCap checkpoint folder: {name} is missing "
+                f"(expected {MODEL_FILE}, {CONFIG_FILE}, {VOCAB_FILE})"
+            )
+    config = from_dict(json.loads((d / CONFIG_FILE).read_text()))
+    vocab = Vocabulary.load(d / VOCAB_FILE)
+    model = build_captioner(config.model, len(vocab), config.dataset.image_size)
+    state = torch.load(d / MODEL_FILE, map_location="cpu", weights_only=True)
+    load_state_dict_strict(model, state, what=f"checkpoint {d / MODEL_FILE}")
+    meta = json.loads((d / META_FILE).read_text()) if (d / META_FILE).is_file() else {}
+    return LoadedCheckpoint(model.to(device).eval(), config, vocab, meta, d)

@@ -1,0 +1,245 @@
+"""The training driver: shards -> Ray Data -> Ray Train ``TorchTrainer`` -> best checkpoint.
+
+Runs on the Ray driver. Each worker runs :func:`hericap.training.loop.train_loop_per_worker`.
+The best checkpoint is chosen by validation CIDEr-D only; test is never looked at here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import ray
+from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from hericap.config.loader import to_dict
+from hericap.config.schema import Config
+from hericap.data.pipeline import shard_dataset
+from hericap.data.prepare import PREPARERS
+from hericap.data.shards import Manifest, read_manifest, read_rows
+from hericap.data.text import Vocabulary
+from hericap.training.loop import train_loop_per_worker
+
+__all__ = ["TrainOutcome", "ensure_shards", "shard_dir", "train"]
+
+logger = logging.getLogger(__name__)
+
+VAL_METRIC = "val_CIDEr"
+
+
+@dataclass
+class TrainOutcome:
+    run_dir: Path
+    best_checkpoint: Path
+    best_metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    wall_s: float
+
+
+def shard_dir(cfg: Config) -> Path:
+    return Path(cfg.dataset.shard_dir or os.path.join(cfg.exp.output_dir, "data", cfg.dataset.name))
+
+
+def ensure_shards(cfg: Config) -> Manifest:
+    """The manifest of the configured dataset; the synthetic one is generated when missing or
+    when its sizes/seed differ from the config."""
+    root = shard_dir(cfg)
+    ds = cfg.dataset
+    if ds.name == "synthetic":
+        want = {"train": ds.synthetic_train, "val": ds.synthetic_val, "test": ds.synthetic_test}
+        want_info = {
+            "seed": ds.synthetic_seed,
+            "image_size": ds.image_size,
+            "vocab_min_count": ds.vocab_min_count,
+        }
+        try:
+            m = read_manifest(root)
+            info = {k: m.info.get(k) for k in want_info}
+            if m.counts == {k: v for k, v in want.items() if v} and info == want_info:
+                return m
+            logger.info("synthetic shards in %s differ from the config; regenerating", root)
+        except FileNotFoundError:
+            pass
+        return PREPARERS["synthetic"](
+            root,
+            num_train=ds.synthetic_train,
+            num_val=ds.synthetic_val,
+            num_test=ds.synthetic_test,
+            seed=ds.synthetic_seed,
+            image_size=ds.image_size,
+            min_count=ds.vocab_min_count,
+            shard_rows=ds.shard_rows,
+        )
+    try:
+        return read_manifest(root)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"no prepared shards for dataset '{ds.name}' in {root}: run "
+            f"`hericap prepare {ds.name} --out {root}` first (known preparers: "
+            f"{sorted(PREPARERS)}), or set dataset.shard_dir"
+        ) from e
+
+
+def _ids(files: list[Path], limit: int) -> list[str]:
+    """The first ``limit`` image ids of some shards, in file order (deterministic)."""
+    ids: list[str] = []
+    for f in files:
+        ids.extend(pq.read_table(f, columns=["image_id"]).column("image_id").to_pylist())
+        if len(ids) >= limit:
+            break
+    return ids[:limit]
+
+
+def _check_phases(cfg: Config) -> int:
+    opt = cfg.optimizer
+    sc = opt.freezing_sc_epochs + opt.finetune_sc_epochs
+    if sc:
+        raise ValueError(
+            f"SCST epochs requested (optimizer.freezing_sc_epochs={opt.freezing_sc_epochs}, "
+            f"optimizer.finetune_sc_epochs={opt.finetune_sc_epochs}) but this HeriCap version "
+            "trains the XE phases only; set both to 0"
+        )
+    if opt.freezing_xe_epochs:
+        raise ValueError(
+            f"optimizer.freezing_xe_epochs={opt.freezing_xe_epochs}: frozen phases are not "
+            "available in this version; use optimizer.finetune_xe_epochs (and model.frozen_stages "
+            "to freeze backbone stages)"
+        )
+    if opt.finetune_xe_epochs < 1:
+        raise ValueError("optimizer.finetune_xe_epochs must be >= 1 to train")
+    return opt.finetune_xe_epochs
+
+
+def _check_gpus(cfg: Config) -> bool:
+    if cfg.exp.ngpus_per_node <= 0:
+        return False
+    have = int(ray.cluster_resources().get("GPU", 0))
+    if have < cfg.exp.world_size:
+        raise RuntimeError(
+            f"exp.world_size={cfg.exp.world_size} workers with exp.ngpus_per_node="
+            f"{cfg.exp.ngpus_per_node} ask for {cfg.exp.world_size} GPUs, but the Ray cluster has "
+            f"{have}. To run on CPU: exp.ngpus_per_node=0 exp.world_size=N (N CPU workers)"
+        )
+    return True
+
+
+def train(cfg: Config) -> TrainOutcome:
+    """Train per ``cfg`` on the current Ray cluster (call :func:`init_ray` first)."""
+    t_start = time.time()
+    epochs = _check_phases(cfg)
+    use_gpu = _check_gpus(cfg)
+    manifest = ensure_shards(cfg)
+    vocab = Vocabulary.load(manifest.vocab_path)
+    run_dir = Path(cfg.run_dir).resolve()
+    storage = Path(cfg.exp.storage_path or run_dir / "runs").resolve()
+    if (storage / "train").exists() and not cfg.exp.resume:
+        logger.warning(
+            "replacing the previous run in %s (exp.resume=True continues it)", storage / "train"
+        )
+        shutil.rmtree(storage / "train")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    train_files, val_files = manifest.files("train"), manifest.files("val")
+    keep_train = None
+    if cfg.dataset.overfit:
+        keep_train = frozenset(_ids(train_files, cfg.dataset.overfit_size))
+        val_files, keep_val = train_files, keep_train
+        n_train = len(keep_train)
+    else:
+        n_train = manifest.counts["train"]
+        keep_val = (
+            frozenset(_ids(val_files, cfg.dataset.max_val_images))
+            if cfg.dataset.max_val_images
+            else None
+        )
+    world, batch = cfg.exp.world_size, cfg.optimizer.batch_size
+    steps_per_epoch = n_train // (world * batch)
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"{n_train} train images cannot fill one step of {world} workers x batch {batch}; "
+            "lower optimizer.batch_size or exp.world_size"
+        )
+    val_rows = read_rows(val_files, columns=["image_id", "captions"])
+    references = {
+        r["image_id"]: list(r["captions"])
+        for r in val_rows
+        if keep_val is None or r["image_id"] in keep_val
+    }
+
+    concurrency = cfg.dataset.decode_concurrency or None
+    datasets = {
+        "train": shard_dataset(
+            train_files,
+            cfg.dataset.image_size,
+            shuffle=True,
+            decode_batch_size=cfg.dataset.decode_batch_size,
+            concurrency=concurrency,
+            keep_ids=keep_train,
+        ),
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": to_dict(cfg),
+            "vocab": vocab.to_dict(),
+            "val_files": [str(f.resolve()) for f in val_files],
+            "val_references": references,
+            "steps_per_epoch": steps_per_epoch,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=world,
+            use_gpu=use_gpu,
+            resources_per_worker={
+                "CPU": cfg.exp.cpus_per_worker,
+                **({"GPU": 1} if use_gpu else {}),
+            },
+        ),
+        run_config=RunConfig(
+            name="train",
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.optimizer.checkpoint_num_to_keep,
+                checkpoint_score_attribute=VAL_METRIC,
+                checkpoint_score_order="max",
+            ),
+        ),
+        datasets=datasets,
+    )
+    logger.info(
+        "training %s: %d epochs x %d steps, %d workers x batch %d, %d train images",
+        cfg.exp.name,
+        epochs,
+        steps_per_epoch,
+        world,
+        batch,
+        n_train,
+    )
+    result = trainer.fit()
+    best = result.get_best_checkpoint(VAL_METRIC, "max")
+    if best is None:
+        raise RuntimeError(f"the run in {storage / 'train'} reported no checkpoint")
+    best_dir = run_dir / "best"
+    if best_dir.exists():
+        shutil.rmtree(best_dir)
+    shutil.copytree(best.path, best_dir)
+    best_metrics = json.loads((best_dir / "meta.json").read_text())
+    history = []
+    df = result.metrics_dataframe
+    if df is not None:
+        history = df.to_dict(orient="records")
+        df.to_csv(run_dir / "metrics.csv", index=False)
+    logger.info(
+        "best checkpoint: epoch %d, val CIDEr %.3f -> %s",
+        best_metrics["epoch"],
+        best_metrics[VAL_METRIC],
+        best_dir,
+    )
+    return TrainOutcome(run_dir, best_dir, best_metrics, history, time.time() - t_start)

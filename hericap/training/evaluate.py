@@ -1,0 +1,114 @@
+"""Decode a split with a checkpoint on the Ray cluster (Ray Data batch inference) and score it.
+
+Writes ``<split>_results.json`` (COCO results format) and ``<split>_scores.json`` to the run
+folder and returns the score report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import ray.data
+
+from hericap.config.schema import Config
+from hericap.data.pipeline import shard_dataset
+from hericap.data.shards import read_rows
+from hericap.data.synthetic import Scene
+from hericap.evaluation.coco_metrics import CocoScorer
+from hericap.evaluation.inference import CaptionPredictor
+from hericap.evaluation.report import build_report
+from hericap.training.driver import _ids, ensure_shards
+
+__all__ = ["evaluate_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate_checkpoint(
+    cfg: Config, checkpoint: str | Path, split: str, out_dir: str | Path | None = None
+) -> dict[str, Any]:
+    """Caption every image of ``split`` with ``checkpoint`` and score the captions.
+
+    Args:
+        cfg: the run config (dataset location, decoding, workers).
+        checkpoint: checkpoint folder.
+        split: ``val`` or ``test`` (or ``train``).
+        out_dir: where results and scores go (default: the run folder).
+    """
+    t0 = time.time()
+    checkpoint = Path(checkpoint).resolve()
+    manifest = ensure_shards(cfg)
+    files = manifest.files(split)
+    limit = cfg.dataset.max_test_images if split == "test" else cfg.dataset.max_val_images
+    keep = frozenset(_ids(files, limit)) if limit else None
+    rows = [
+        r
+        for r in read_rows(files, columns=["image_id", "captions", "scene"])
+        if keep is None or r["image_id"] in keep
+    ]
+    references = {r["image_id"]: list(r["captions"]) for r in rows}
+    scenes = (
+        {r["image_id"]: Scene.from_dict(json.loads(r["scene"])) for r in rows}
+        if all(r["scene"] for r in rows)
+        else None
+    )
+
+    workers = max(1, cfg.exp.world_size)
+    ds = shard_dataset(
+        files,
+        cfg.dataset.image_size,
+        columns=["image_id", "image"],
+        decode_batch_size=cfg.dataset.decode_batch_size,
+        keep_ids=keep,
+    )
+    preds = ds.map_batches(
+        CaptionPredictor,
+        fn_constructor_kwargs={
+            "checkpoint": str(checkpoint),
+            "beam_size": cfg.decode.test_beam_size,
+            "max_len": cfg.decode.max_len,
+            "length_penalty": cfg.decode.length_penalty,
+            "torch_threads": max(1, int(cfg.exp.cpus_per_worker)),
+        },
+        batch_size=cfg.decode.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_cpus=cfg.exp.cpus_per_worker,
+    ).take_all()
+    candidates = {str(p["image_id"]): str(p["caption"]) for p in preds}
+    if set(candidates) != set(references):
+        raise RuntimeError(f"decoded {len(candidates)} of {len(references)} {split} images")
+    decode_s = time.time() - t0
+    logger.info(
+        "decoded %d %s images in %.0fs (beam %d)",
+        len(candidates),
+        split,
+        decode_s,
+        cfg.decode.test_beam_size,
+    )
+    with CocoScorer(spice_jars=None) as scorer:
+        report = build_report(scorer, references, candidates, scenes)
+    report.update(
+        {
+            "split": split,
+            "checkpoint": str(checkpoint),
+            "decode": {
+                "beam_size": cfg.decode.test_beam_size,
+                "max_len": cfg.decode.max_len,
+                "length_penalty": cfg.decode.length_penalty,
+                "decode_s": decode_s,
+            },
+            "eval_s": time.time() - t0,
+        }
+    )
+    out = Path(out_dir or cfg.run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{split}_results.json").write_text(
+        json.dumps([{"image_id": k, "caption": v} for k, v in sorted(candidates.items())], indent=0)
+    )
+    (out / f"{split}_scores.json").write_text(json.dumps(report, indent=1))
+    return report

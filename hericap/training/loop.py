@@ -1,0 +1,316 @@
+"""The Ray Train worker loop (``train_loop_per_worker``): XE training with per-epoch validation.
+
+Every worker rebuilds typed objects from the plain-dict loop config, trains on its dataset shard
+under DDP, decodes its slice of the validation images, and all workers agree on val CIDEr-D.
+Rank 0 writes the checkpoint; every rank reports the same metrics. A run with a checkpoint
+(Ray's ``get_checkpoint``, e.g. after a worker failure or a rerun with ``exp.resume=True``)
+continues after its epoch with the saved optimiser, scheduler and RNG states.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import tempfile
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from hericap.config.loader import from_dict
+from hericap.data.text import Vocabulary
+from hericap.data.transforms import decode_image, normalize_images
+from hericap.evaluation.coco_metrics import cider_d
+from hericap.models.builder import build_captioner
+from hericap.training.checkpoint import (
+    MODEL_FILE,
+    STATE_FILE,
+    load_state_dict_strict,
+    save_checkpoint,
+)
+from hericap.training.optim import build_optimizer, warmup_cosine
+
+__all__ = ["train_loop_per_worker"]
+
+logger = logging.getLogger("hericap.train")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _rng_state() -> dict[str, Any]:
+    """RNG states in types that ``torch.load(weights_only=True)`` accepts."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
+def _pick_captions(captions: np.ndarray, k: int, rng: random.Random) -> list[str]:
+    """``k`` captions per image (without replacement when there are enough), image-major."""
+    out: list[str] = []
+    for caps in captions:
+        caps = list(caps)
+        out.extend(rng.sample(caps, k) if len(caps) >= k else rng.choices(caps, k=k))
+    return out
+
+
+def _xe_loss(
+    log_probs: torch.Tensor, targets: torch.Tensor, pad_idx: int, label_smoothing: float
+) -> torch.Tensor:
+    flat, tgt = log_probs.reshape(-1, log_probs.shape[-1]), targets.reshape(-1)
+    nll = F.nll_loss(flat, tgt, ignore_index=pad_idx)
+    if not label_smoothing:
+        return nll
+    mask = tgt != pad_idx
+    smooth = -flat[mask].mean(dim=-1).mean()
+    return (1 - label_smoothing) * nll + label_smoothing * smooth
+
+
+def _iter_val_slice(
+    files: list[str],
+    references: dict[str, list[str]],
+    image_size: int,
+    batch_size: int,
+    rank: int,
+    world: int,
+) -> Iterator[tuple[list[str], np.ndarray]]:
+    """This rank's val images (``crc32(image_id) % world == rank``), decoded, in batches.
+
+    Read straight from the shards: validation is small, and a Ray Data pipeline per worker per
+    epoch costs more to start than decoding a few hundred images.
+    """
+    ids: list[str] = []
+    images: list[np.ndarray] = []
+    for f in files:
+        table = pq.read_table(f, columns=["image_id", "image"])
+        for image_id, data in zip(
+            table.column("image_id").to_pylist(), table.column("image").to_pylist(), strict=True
+        ):
+            if image_id not in references or zlib.crc32(image_id.encode()) % world != rank:
+                continue
+            ids.append(image_id)
+            images.append(decode_image(data, image_size))
+            if len(ids) == batch_size:
+                yield ids, np.stack(images)
+                ids, images = [], []
+    if ids:
+        yield ids, np.stack(images)
+
+
+def _validate(
+    model: nn.Module,
+    files: list[str],
+    references: dict[str, list[str]],
+    vocab: Vocabulary,
+    image_size: int,
+    beam_size: int,
+    max_len: int,
+    batch_size: int,
+    device: torch.device,
+    rank: int,
+    world: int,
+) -> tuple[float, int]:
+    """Decode this rank's slice of the val images; all ranks return the same CIDEr-D."""
+    net = _unwrap(model)
+    net.eval()
+    mine: list[tuple[str, str]] = []
+    for ids, images in _iter_val_slice(files, references, image_size, batch_size, rank, world):
+        out = net.generate(normalize_images(images, device), beam_size=beam_size, max_len=max_len)
+        mine.extend(
+            (i, vocab.decode(seq[0].tolist())) for i, seq in zip(ids, out.tokens, strict=True)
+        )
+    gathered: list[list[tuple[str, str]]] = [mine]
+    if world > 1:
+        gathered = [None] * world  # type: ignore[list-item]
+        dist.all_gather_object(gathered, mine)
+    candidates = dict(pair for part in gathered for pair in part)
+    if set(candidates) != set(references):
+        missing = sorted(set(references) - set(candidates))[:5]
+        raise RuntimeError(
+            f"validation decoded {len(candidates)} of {len(references)} images; "
+            f"missing e.g. {missing}"
+        )
+    net.train()
+    return cider_d(references, candidates), len(candidates)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry: ``loop_config`` holds ``config`` (dict), ``vocab`` (dict),
+    ``val_files`` (shard paths), ``val_references`` ({image_id: captions}: the val images) and
+    ``steps_per_epoch``."""
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", force=True
+    )
+    logging.getLogger("hericap").setLevel(logging.INFO)
+    for noisy in ("ray.data", "ray.train"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    cfg = from_dict(loop_config["config"])
+    vocab = Vocabulary.from_dict(loop_config["vocab"])
+    references: dict[str, list[str]] = loop_config["val_references"]
+    steps_per_epoch: int = loop_config["steps_per_epoch"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    opt_cfg = cfg.optimizer
+    torch.set_num_threads(cfg.exp.torch_threads or max(1, int(cfg.exp.cpus_per_worker)))
+
+    torch.manual_seed(cfg.exp.seed)  # identical initial weights on every rank
+    model = build_captioner(cfg.model, len(vocab), cfg.dataset.image_size)
+    device = ray.train.torch.get_device()
+    model = ray.train.torch.prepare_model(model)
+    optimizer = build_optimizer(
+        model,
+        lr=opt_cfg.xe_lr,
+        backbone_lr=opt_cfg.xe_backbone_lr,
+        weight_decay=opt_cfg.weight_decay,
+        betas=(opt_cfg.beta_1, opt_cfg.beta_2),
+    )
+    epochs = opt_cfg.freezing_xe_epochs + opt_cfg.finetune_xe_epochs
+    total_steps = epochs * steps_per_epoch
+    if opt_cfg.max_steps:
+        total_steps = min(total_steps, opt_cfg.max_steps)
+    scheduler = warmup_cosine(optimizer, opt_cfg.warmup_steps, total_steps, opt_cfg.min_lr_ratio)
+
+    start_epoch, step = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)
+            load_state_dict_strict(_unwrap(model), state, what=f"checkpoint {d}")
+            train_state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(train_state["optimizer"])
+        scheduler.load_state_dict(train_state["scheduler"])
+        _set_rng_state(train_state["rng"][min(rank, len(train_state["rng"]) - 1)])
+        start_epoch, step = train_state["epoch"] + 1, train_state["step"]
+        if rank == 0:
+            logger.info("resumed from epoch %d, step %d", start_epoch, step)
+    else:
+        random.seed(cfg.exp.seed + rank)
+        np.random.seed(cfg.exp.seed + rank)
+
+    caption_rng = random.Random()
+    train_iter = ray.train.get_dataset_shard("train")
+    k = opt_cfg.captions_per_image
+    run_start = time.time()
+    for epoch in range(start_epoch, epochs):
+        caption_rng.seed(f"{cfg.exp.seed}/{rank}/{epoch}")
+        model.train()
+        t0, loss_sum, n_steps = time.time(), 0.0, 0
+        for batch in train_iter.iter_batches(
+            batch_size=opt_cfg.batch_size,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=cfg.dataset.local_shuffle_buffer or None,
+            local_shuffle_seed=cfg.exp.seed * 1000 + epoch * world + rank,
+        ):
+            if n_steps >= steps_per_epoch or (opt_cfg.max_steps and step >= opt_cfg.max_steps):
+                break
+            images = normalize_images(batch["image"], device)
+            tokens = vocab.encode_batch(
+                _pick_captions(batch["captions"], k, caption_rng),
+                max_len=cfg.dataset.max_caption_len,
+            ).to(device)
+            log_probs = model(images, tokens[:, :-1], captions_per_image=k)
+            loss = _xe_loss(log_probs, tokens[:, 1:], vocab.pad_idx, opt_cfg.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if opt_cfg.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            n_steps += 1
+            loss_sum += loss.item()
+            if rank == 0 and n_steps % 50 == 0:
+                logger.info(
+                    "xe epoch %d/%d step %d/%d loss %.3f lr %.2e elapsed %.0fs",
+                    epoch + 1,
+                    epochs,
+                    n_steps,
+                    steps_per_epoch,
+                    loss_sum / n_steps,
+                    scheduler.get_last_lr()[-1],
+                    time.time() - run_start,
+                )
+        train_time = time.time() - t0
+        val_cider, n_val = _validate(
+            model,
+            loop_config["val_files"],
+            references,
+            vocab,
+            cfg.dataset.image_size,
+            cfg.decode.val_beam_size,
+            cfg.decode.max_len,
+            cfg.decode.batch_size,
+            device,
+            rank,
+            world,
+        )
+        metrics = {
+            "phase": "xe",
+            "epoch": epoch,
+            "step": step,
+            "train_loss": loss_sum / max(1, n_steps),
+            "val_CIDEr": val_cider,
+            "val_images": n_val,
+            "lr": scheduler.get_last_lr()[-1],
+            "epoch_train_s": train_time,
+            "epoch_s": time.time() - t0,
+        }
+        if rank == 0:
+            logger.info(
+                "xe epoch %d/%d done: loss %.3f val CIDEr %.3f (%d images) train %.0fs total %.0fs",
+                epoch + 1,
+                epochs,
+                metrics["train_loss"],
+                val_cider,
+                n_val,
+                train_time,
+                time.time() - run_start,
+            )
+        rng_states = [_rng_state()]
+        if world > 1:
+            rng_states = [None] * world
+            dist.all_gather_object(rng_states, _rng_state())
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(
+                    tmp,
+                    _unwrap(model),
+                    cfg,
+                    vocab,
+                    meta=metrics,
+                    training_state={
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng": rng_states,
+                        "epoch": epoch,
+                        "step": step,
+                        "phase": "xe",
+                    },
+                )
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+        if opt_cfg.max_steps and step >= opt_cfg.max_steps:
+            break

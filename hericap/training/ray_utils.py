@@ -1,0 +1,43 @@
+"""Starting or joining a Ray cluster for HeriCap runs."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+import ray.data
+
+__all__ = ["init_ray"]
+
+logger = logging.getLogger(__name__)
+
+
+def init_ray(
+    address: str | None = None, num_cpus: int | None = None, dashboard: bool = True
+) -> bool:
+    """Join ``address`` or start a local cluster; a no-op when Ray is already initialised.
+
+    The dashboard stays on (bound to 127.0.0.1): Ray Train's placement-group cleaner and Tune's
+    trial clean-up query its state API, and without it they spin on warnings.
+
+    Returns True when this call started Ray (the caller then shuts it down).
+    """
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    kwargs = (
+        {"address": address}
+        if address
+        else {
+            "num_cpus": num_cpus,
+            "include_dashboard": dashboard,
+            "dashboard_host": "127.0.0.1",
+        }
+    )
+    ray.init(logging_level=logging.WARNING, configure_logging=True, **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logger.info("Ray: %s", ray.cluster_resources())
+    return True

@@ -1,0 +1,130 @@
+"""Scoring through the coco-caption toolkit equals the toolkit used directly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from hericap.evaluation.coco_metrics import CocoScorer, cider_d, find_spice
+from hericap.evaluation.report import build_report, format_table
+
+pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="the toolkit needs Java")
+
+REFS = {
+    "1": [
+        "A man riding a wave on top of a surfboard.",
+        "a surfer rides a large wave",
+        "A person on a surfboard in the ocean.",
+        "man surfing on a big blue wave",
+        "A surfer is riding the crest of a wave.",
+    ],
+    "2": [
+        "Two dogs play in the grass.",
+        "two brown dogs running on a lawn",
+        "A pair of dogs playing outside on the grass.",
+        "dogs chasing each other in a park",
+        "Two puppies are playing on green grass.",
+    ],
+    "3": [
+        "A plate of food with broccoli and rice.",
+        "a dinner plate with rice and vegetables",
+        "Rice, broccoli and chicken on a white plate.",
+        "a meal of rice and broccoli",
+        "food on a plate including broccoli",
+    ],
+}
+CANDS = {
+    "1": "a man riding a wave on a surfboard",
+    "2": "two dogs playing in the grass",
+    "3": "a plate of rice and broccoli",
+}
+
+
+def _toolkit_scores(refs, cands):
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    tok = PTBTokenizer()
+    gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in refs.items()})
+    res = tok.tokenize({k: [{"caption": v}] for k, v in cands.items()})
+    out = {}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    out.update({f"Bleu_{i + 1}": b for i, b in enumerate(bleu)})
+    out["METEOR"] = Meteor().compute_score(gts, res)[0]
+    out["ROUGE_L"] = Rouge().compute_score(gts, res)[0]
+    out["CIDEr"] = Cider().compute_score(gts, res)[0]
+    return out
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    with CocoScorer() as s:
+        yield s
+
+
+def test_hand_made_example_matches_toolkit(scorer):
+    ours = scorer.score(REFS, CANDS)
+    theirs = _toolkit_scores(REFS, CANDS)
+    for key, value in theirs.items():
+        assert ours[key] == pytest.approx(value, abs=1e-12), key
+    assert ours["CIDEr"] > 0 and 0 < ours["Bleu_4"] <= ours["Bleu_1"] <= 1
+
+
+def test_spice_reported_unavailable_with_reason(scorer, monkeypatch, tmp_path):
+    monkeypatch.setenv("HERICAP_SPICE_JARS", str(tmp_path))
+    status = find_spice()
+    if status.available:
+        pytest.skip("CoreNLP jars are installed on this machine")
+    assert "stanford-corenlp-3.6.0" in status.reason and str(tmp_path) in status.reason
+    assert scorer.score(REFS, CANDS)["SPICE"] is None
+
+
+def test_ids_must_match(scorer):
+    with pytest.raises(ValueError, match="ids differ"):
+        scorer.score(REFS, {"1": "a man"})
+
+
+def test_report_oracle_and_four_reference_scores(scorer):
+    report = build_report(scorer, REFS, CANDS)
+    rest = {k: v[1:] for k, v in REFS.items()}
+    assert report["metrics_4ref"]["CIDEr"] == pytest.approx(
+        _toolkit_scores(rest, CANDS)["CIDEr"], abs=1e-12
+    )
+    assert report["oracle"]["CIDEr"] == pytest.approx(
+        _toolkit_scores(rest, {k: v[0] for k, v in REFS.items()})["CIDEr"], abs=1e-12
+    )
+    table = format_table(report)
+    assert "human oracle" in table and "CIDEr" in table
+
+
+def test_python_cider_matches_toolkit_on_clean_text():
+    refs = {
+        k: [" ".join(c.lower().replace(".", "").replace(",", "").split()) for c in v]
+        for k, v in REFS.items()
+    }
+    from pycocoevalcap.cider.cider import Cider
+
+    expected = Cider().compute_score(refs, {k: [v] for k, v in CANDS.items()})[0]
+    assert cider_d(REFS, CANDS) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.realdata
+def test_real_coco_caption_example_matches_toolkit(realdata, scorer):
+    gt = json.loads((realdata / "coco-caption/captions_val2014_fakecap_subset_gt.json").read_text())
+    res = json.loads(
+        (realdata / "coco-caption/captions_val2014_fakecap_subset_results.json").read_text()
+    )
+    refs: dict[str, list[str]] = {}
+    for a in gt["annotations"]:
+        refs.setdefault(str(a["image_id"]), []).append(a["caption"])
+    cands = {str(r["image_id"]): r["caption"] for r in res}
+    assert len(cands) == 334 and sum(len(v) for v in refs.values()) == 1672
+    ours = scorer.score(refs, cands)
+    theirs = _toolkit_scores(refs, cands)
+    for key, value in theirs.items():
+        assert ours[key] == pytest.approx(value, abs=1e-12), key
