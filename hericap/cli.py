@@ -124,6 +124,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# What the demo is meant to reach on a 2-core machine (issue 2); reported, never hidden.
+DEMO_TARGETS = {
+    "wall_s_max": 600.0,
+    "cider_min": 1.0,
+    "cider_4ref_vs_oracle_min": 0.8,
+    "shape_f1_min": 0.6,
+}
+
+
+def demo_targets(scores: dict) -> dict:
+    """Each demo target with the value reached and whether it holds."""
+    ratio = scores["metrics_4ref"]["CIDEr"] / scores["oracle"]["CIDEr"]
+    checks = {
+        "wall_s": (scores["wall_s"], scores["wall_s"] <= DEMO_TARGETS["wall_s_max"]),
+        "CIDEr": (
+            scores["metrics"]["CIDEr"],
+            scores["metrics"]["CIDEr"] >= DEMO_TARGETS["cider_min"],
+        ),
+        "CIDEr_4ref_over_oracle": (ratio, ratio >= DEMO_TARGETS["cider_4ref_vs_oracle_min"]),
+        "shape_f1": (
+            scores["semantic"]["shape_f1"],
+            scores["semantic"]["shape_f1"] >= DEMO_TARGETS["shape_f1_min"],
+        ),
+    }
+    return {k: {"value": v, "met": ok} for k, (v, ok) in checks.items()} | {"goals": DEMO_TARGETS}
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from hericap.evaluation.report import format_table
 
@@ -143,6 +170,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "spice_status": report["spice_status"],
         "wall_s": time.time() - t0,
     }
+    scores["targets"] = demo_targets(scores)
     out = Path(cfg.run_dir) / "test_scores.json"
     out.write_text(json.dumps(scores, indent=1))
     print()
@@ -151,6 +179,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"beam {report['decode']['beam_size']}, {time.time() - t0:.0f}s in all"
     )
     print(format_table(report))
+    print("\ndemo targets (issue 2):")
+    for key, t in scores["targets"].items():
+        if key != "goals":
+            print(f"  {key:<24}{t['value']:>9.3f}  {'met' if t['met'] else 'NOT met'}")
     print(f"\nscores: {out}\ncheckpoint: {report['checkpoint']}")
     return 0
 

@@ -149,3 +149,20 @@ def test_frozen_stages_freeze_the_backbone_start():
     frozen = {n for n, p in model.extractor.named_parameters() if not p.requires_grad}
     assert any("patch_embed" in n for n in frozen) and any("layers_0" in n for n in frozen)
     assert not any("layers_1" in n for n in frozen)
+
+
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_extractor_stems_give_the_same_map_shapes(stem):
+    from hericap.models.encoders import SwinExtractor
+
+    ext = SwinExtractor(64, 4, 16, (2, 2), (2, 4), 8, stem=stem)
+    (fmap,) = ext(torch.randn(2, 3, 64, 64))
+    assert fmap.shape == (2, 8, 8, 32)
+    assert ext.channels == [32] and ext.reductions == [8]
+
+
+def test_unknown_stem_lists_the_known_ones():
+    from hericap.models.encoders import SwinExtractor
+
+    with pytest.raises(ValueError, match="conv"):
+        SwinExtractor(64, 4, 16, (2, 2), (2, 4), 8, stem="resnet")

@@ -122,3 +122,36 @@ def test_prepare_cli(tmp_path):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["counts"] == {"train": 12, "val": 3, "test": 3}
     assert (out / "manifest.json").is_file() and (out / "vocab.json").is_file()
+
+
+def test_cached_synthetic_shards_are_reused_only_when_they_match(tmp_path, monkeypatch):
+    from hericap.config import load_config
+    from hericap.data import synthetic
+    from hericap.training.driver import ensure_shards
+
+    cfg = load_config(
+        [
+            "preset=demo",
+            f"dataset.shard_dir={tmp_path}",
+            "dataset.synthetic_train=8",
+            "dataset.synthetic_val=2",
+            "dataset.synthetic_test=2",
+        ]
+    )
+    first = ensure_shards(cfg)
+    stamp = (tmp_path / "manifest.json").stat().st_mtime_ns
+    assert ensure_shards(cfg).shards == first.shards
+    assert (tmp_path / "manifest.json").stat().st_mtime_ns == stamp  # reused, not rewritten
+    # a changed generator (or size, or seed) must not reuse stale images
+    monkeypatch.setattr(synthetic, "GENERATOR_VERSION", synthetic.GENERATOR_VERSION + 1)
+    assert ensure_shards(cfg).info["generator_version"] == synthetic.GENERATOR_VERSION
+    bigger = load_config(
+        [
+            "preset=demo",
+            f"dataset.shard_dir={tmp_path}",
+            "dataset.synthetic_train=9",
+            "dataset.synthetic_val=2",
+            "dataset.synthetic_test=2",
+        ]
+    )
+    assert ensure_shards(bigger).counts["train"] == 9

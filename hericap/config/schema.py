@@ -94,6 +94,9 @@ class ExtractorConfig:
     depths: list[int] = field(default_factory=lambda: [2, 2])
     num_heads: list[int] = field(default_factory=lambda: [2, 4])
     window_size: int = 8
+    # Patch embedding: "patch" (timm's, what pretrained Swin weights have) or "conv" (a
+    # convolutional stem that learns much faster from random init).
+    stem: str = "patch"
     checkpoint: str | None = None
 
 

@@ -46,6 +46,7 @@ def build_captioner(model: ModelConfig, vocab_size: int, image_size: int) -> Cap
         num_heads=tuple(ext.num_heads),
         window_size=ext.window_size,
         frozen_stages=model.frozen_stages,
+        stem=ext.stem,
         checkpoint=ext.checkpoint,
     )
     grid = GridEncoder(

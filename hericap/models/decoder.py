@@ -103,6 +103,12 @@ class HierarchicalDecoder(nn.Module):
         super().__init__()
         self.d_model = d_model
         self.embed = nn.Embedding(vocab_size, d_model, padding_idx=pad_idx)
+        # std d^-1/2, so that the sqrt(d) scaling in _embed gives unit-scale inputs; nn.Embedding's
+        # N(0, 1) would enter the residual stream at std sqrt(d) and drown the attention branches
+        # (the visual signal) at the start of training.
+        nn.init.normal_(self.embed.weight, std=d_model**-0.5)
+        with torch.no_grad():
+            self.embed.weight[pad_idx].zero_()
         self.layers = nn.ModuleList(
             DecoderLayer(
                 fusion_name, memory_names, d_model, n_heads, d_ff, dropout, attn_dropout, activation

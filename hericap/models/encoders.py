@@ -17,9 +17,63 @@ from torch import nn
 
 from hericap.models.layers import FeedForward, MultiHeadAttention, sinusoid_2d
 
-__all__ = ["EncoderLayer", "GridEncoder", "SwinExtractor"]
+__all__ = ["STEMS", "ConvStem", "EncoderLayer", "GridEncoder", "SwinExtractor"]
 
 logger = logging.getLogger(__name__)
+
+
+class ConvStem(nn.Module):
+    """A convolutional patch embedding for Swin: pairs of 3×3 convolutions (stride 2, then 1) down
+    to the patch stride, then a 1×1 projection and LayerNorm (Xiao et al., "Early convolutions help
+    transformers see better", NeurIPS 2021). From random init it learns local shape far sooner
+    than the single linear projection of a patch.
+
+    Takes the keyword arguments timm's Swin passes to its ``embed_layer`` and returns NHWC maps.
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        embed_dim: int = 96,
+        norm_layer=None,
+        strict_img_size: bool = True,
+        output_fmt: str = "NHWC",
+        **_: object,
+    ) -> None:
+        super().__init__()
+        if patch_size < 2 or patch_size & (patch_size - 1):
+            raise ValueError(f"the conv stem needs a power-of-two patch_size >= 2: {patch_size}")
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.img_size = size
+        self.patch_size = (patch_size, patch_size)
+        self.grid_size = (size[0] // patch_size, size[1] // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.strict_img_size = strict_img_size
+        layers: list[nn.Module] = []
+        channels, stride = in_chans, 1
+        while stride < patch_size:
+            # each halving: a stride-2 3×3 conv then a stride-1 3×3 conv (receptive field 19 px
+            # at stride 4, enough to see a small object whole)
+            out = embed_dim if stride * 2 == patch_size else max(16, embed_dim // 2)
+            layers += [
+                nn.Conv2d(channels, out, 3, stride=2, padding=1),
+                nn.GELU(),
+                nn.Conv2d(out, out, 3, stride=1, padding=1),
+                nn.GELU(),
+            ]
+            channels, stride = out, stride * 2
+        layers.append(nn.Conv2d(channels, embed_dim, 1))
+        self.proj = nn.Sequential(*layers)
+        self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+# Patch embeddings selectable by ``model.extractor.stem``; None keeps timm's own.
+STEMS: dict[str, type[nn.Module] | None] = {"patch": None, "conv": ConvStem}
 
 
 class SwinExtractor(nn.Module):
@@ -36,6 +90,8 @@ class SwinExtractor(nn.Module):
         frozen_stages: freeze the patch embedding and stages ``0..frozen_stages - 1``
             (-1: nothing frozen).
         drop_path_rate: stochastic depth.
+        stem: patch embedding: ``patch`` (timm's linear patch projection) or ``conv``
+            (:class:`ConvStem`).
         checkpoint: local file with backbone weights (a state dict, optionally under ``model``).
     """
 
@@ -50,10 +106,14 @@ class SwinExtractor(nn.Module):
         out_indices: tuple[int, ...] | None = None,
         frozen_stages: int = -1,
         drop_path_rate: float = 0.0,
+        stem: str = "patch",
         checkpoint: str | None = None,
     ) -> None:
         super().__init__()
+        if stem not in STEMS:
+            raise ValueError(f"unknown model.extractor.stem={stem!r}; known: {sorted(STEMS)}")
         out_indices = out_indices if out_indices is not None else (len(depths) - 1,)
+        stem_kwargs = {"embed_layer": STEMS[stem]} if STEMS[stem] is not None else {}
         self.body = timm.create_model(
             "swin_tiny_patch4_window7_224",  # architecture family; every size is set below
             pretrained=False,
@@ -66,6 +126,7 @@ class SwinExtractor(nn.Module):
             num_heads=tuple(num_heads),
             window_size=window_size,
             drop_path_rate=drop_path_rate,
+            **stem_kwargs,
         )
         self.channels: list[int] = self.body.feature_info.channels()
         self.reductions: list[int] = self.body.feature_info.reduction()

@@ -22,6 +22,7 @@ from ray.train.torch import TorchTrainer
 
 from hericap.config.loader import to_dict
 from hericap.config.schema import Config
+from hericap.data import synthetic
 from hericap.data.pipeline import shard_dataset
 from hericap.data.prepare import PREPARERS
 from hericap.data.shards import Manifest, read_manifest, read_rows
@@ -59,6 +60,7 @@ def ensure_shards(cfg: Config) -> Manifest:
             "seed": ds.synthetic_seed,
             "image_size": ds.image_size,
             "vocab_min_count": ds.vocab_min_count,
+            "generator_version": synthetic.GENERATOR_VERSION,
         }
         try:
             m = read_manifest(root)
