@@ -88,8 +88,10 @@ def test_captions_depend_on_the_image_not_a_lookup():
     samples = _samples(300)
     caption_sets = {tuple(sorted(s.captions)) for s in samples}
     assert len(caption_sets) == len(samples)
+    # what is in the picture varies: most scenes are unique, none dominates (no prior to learn)
     kinds = Counter(tuple(sorted((o.shape, o.colour) for o in s.scene.objects)) for s in samples)
-    assert max(kinds.values()) <= 3
+    assert len(kinds) >= 0.6 * len(samples)
+    assert max(kinds.values()) <= 0.03 * len(samples)
 
 
 def test_parser_recovers_every_true_scene_from_ground_truth():

@@ -106,18 +106,32 @@ def _parse_overrides(overrides: Sequence[str]) -> list[tuple[str, str]]:
     return parsed
 
 
+def expected_type(key: str, schema: type = Config) -> str | None:
+    """The annotated type of a dotted key in the schema, as written (e.g. ``int``)."""
+    node: type = schema
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        if part not in fields:
+            return None
+        f = fields[part]
+        if i == len(parts) - 1:
+            return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if f.default_factory is dataclasses.MISSING:
+            return None
+        node = type(f.default_factory())
+    return None
+
+
 def _merge(base, update, where: str):
     try:
         return OmegaConf.merge(base, update)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
-        expected = None
-        try:
-            expected = OmegaConf.get_type(base, key) if key != "?" else None
-        except OmegaConfBaseException:
-            expected = None
-        type_hint = f" (expected {expected.__name__})" if expected is not None else ""
-        raise ConfigError(f"{where}: bad value for '{key}'{type_hint}: {e.msg}") from e
+        expected = expected_type(key)
+        type_hint = f" (expected {expected})" if expected else ""
+        reason = str(e.msg).splitlines()[0] if e.msg else str(e)
+        raise ConfigError(f"{where}: bad value for '{key}'{type_hint}: {reason}") from e
 
 
 def load_config(

@@ -26,6 +26,18 @@ class DecodeOutput:
     lengths: torch.Tensor
 
 
+def _never_words(log_probs: torch.Tensor, bos_idx: int, pad_idx: int) -> torch.Tensor:
+    """``log_probs`` with ``<bos>`` and ``<pad>`` ruled out: they are never generated words.
+
+    The log-probs of the tokens that can be chosen are unchanged (not renormalised), so the
+    scores reported equal the model's own teacher-forced log-probs of the sequence.
+    """
+    out = log_probs.clone()
+    out[..., bos_idx] = float("-inf")
+    out[..., pad_idx] = float("-inf")
+    return out
+
+
 def _expand(memories: Memories, k: int) -> Memories:
     return {name: m.repeat_interleave(k, dim=0) for name, m in memories.items()}
 
@@ -105,6 +117,7 @@ def _sequential_decode(
     tokens, logps = [], []
     for t in range(max_len + 1):
         logp, _ = decoder.step(last, mem, cache, t)
+        logp = _never_words(logp, bos_idx, pad_idx)
         if t == max_len:  # out of words: end here
             choice = torch.full_like(last, eos_idx)
         elif sample:
@@ -167,7 +180,7 @@ def beam_search(
     for t in range(max_len + 1):
         logp, _ = decoder.step(last, mem, cache, t)
         v = logp.shape[-1]
-        logp = logp.view(b, k, v)
+        logp = _never_words(logp, bos_idx, pad_idx).view(b, k, v)
         if t == max_len:
             forced = torch.full_like(logp, float("-inf"))
             forced[..., eos_idx] = logp[..., eos_idx]
