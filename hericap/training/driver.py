@@ -6,6 +6,7 @@ The best checkpoint is chosen by validation CIDEr-D only; test is never looked a
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -133,6 +134,15 @@ def _check_gpus(cfg: Config) -> bool:
     return True
 
 
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def train(cfg: Config) -> TrainOutcome:
     """Train per ``cfg`` on the current Ray cluster (call :func:`init_ray` first)."""
     t_start = time.time()
@@ -233,11 +243,12 @@ def train(cfg: Config) -> TrainOutcome:
         shutil.rmtree(best_dir)
     shutil.copytree(best.path, best_dir)
     best_metrics = json.loads((best_dir / "meta.json").read_text())
-    history = []
-    df = result.metrics_dataframe
-    if df is not None:
-        history = df.to_dict(orient="records")
-        df.to_csv(run_dir / "metrics.csv", index=False)
+    # The latest checkpoint carries every epoch's metrics (Ray's metrics_dataframe holds only
+    # the checkpoints it kept).
+    latest = result.checkpoint or best
+    with latest.as_directory() as d:
+        history = json.loads((Path(d) / "meta.json").read_text()).get("history", [])
+    _write_csv(run_dir / "metrics.csv", history)
     logger.info(
         "best checkpoint: epoch %d, val CIDEr %.3f -> %s",
         best_metrics["epoch"],

@@ -9,6 +9,7 @@ continues after its epoch with the saved optimiser, scheduler and RNG states.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import tempfile
@@ -33,6 +34,7 @@ from hericap.data.transforms import decode_image, normalize_images
 from hericap.evaluation.coco_metrics import cider_d
 from hericap.models.builder import build_captioner
 from hericap.training.checkpoint import (
+    META_FILE,
     MODEL_FILE,
     STATE_FILE,
     load_state_dict_strict,
@@ -192,12 +194,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     scheduler = warmup_cosine(optimizer, opt_cfg.warmup_steps, total_steps, opt_cfg.min_lr_ratio)
 
     start_epoch, step = 0, 0
+    history: list[dict[str, Any]] = []  # every epoch's metrics, carried in each checkpoint
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)
             load_state_dict_strict(_unwrap(model), state, what=f"checkpoint {d}")
             train_state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+            history = json.loads((Path(d) / META_FILE).read_text()).get("history", [])
         optimizer.load_state_dict(train_state["optimizer"])
         scheduler.load_state_dict(train_state["scheduler"])
         _set_rng_state(train_state["rng"][min(rank, len(train_state["rng"]) - 1)])
@@ -277,6 +281,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "epoch_train_s": train_time,
             "epoch_s": time.time() - t0,
         }
+        history.append(metrics)
         if rank == 0:
             logger.info(
                 "xe epoch %d/%d done: loss %.3f val CIDEr %.3f (%d images) train %.0fs total %.0fs",
@@ -299,7 +304,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     _unwrap(model),
                     cfg,
                     vocab,
-                    meta=metrics,
+                    meta={**metrics, "history": history},
                     training_state={
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),

@@ -1,0 +1,178 @@
+"""The Parquet shard format shared by every dataset, and its manifest.
+
+One row per image: ``image_id``, ``split``, ``image`` (encoded bytes, JPEG as shipped),
+``width``, ``height``, ``captions`` (list of strings), ``source`` (dataset name), ``file_name``
+and ``scene`` (JSON of the true scene for synthetic data, null otherwise). Shards are written per
+split (``<split>-00000.parquet``); ``manifest.json`` lists them with row counts and SHA-256
+checksums, the counts per split, the source, and the vocabulary file built from train captions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = [
+    "MANIFEST_NAME",
+    "SHARD_SCHEMA",
+    "VOCAB_NAME",
+    "Manifest",
+    "ShardWriter",
+    "read_manifest",
+    "read_rows",
+]
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+VOCAB_NAME = "vocab.json"
+FORMAT_VERSION = 1
+
+SHARD_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("captions", pa.list_(pa.string()), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("file_name", pa.string()),
+        pa.field("scene", pa.string()),
+    ]
+)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ShardWriter:
+    """Writes rows of one split into shards of at most ``shard_rows`` rows."""
+
+    def __init__(self, out_dir: str | Path, split: str, shard_rows: int = 1000) -> None:
+        if shard_rows < 1:
+            raise ValueError(f"shard_rows={shard_rows} must be >= 1")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.split = split
+        self.shard_rows = shard_rows
+        self._rows: list[dict[str, Any]] = []
+        self.shards: list[dict[str, Any]] = []
+
+    def add(self, row: dict[str, Any]) -> None:
+        self._rows.append(row)
+        if len(self._rows) >= self.shard_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._rows:
+            return
+        name = f"{self.split}-{len(self.shards):05d}.parquet"
+        path = self.out_dir / name
+        table = pa.Table.from_pylist(self._rows, schema=SHARD_SCHEMA)
+        tmp = path.with_suffix(".parquet.tmp")
+        pq.write_table(table, tmp)
+        tmp.replace(path)  # a shard is either complete or absent
+        self.shards.append(
+            {"file": name, "split": self.split, "rows": len(self._rows), "sha256": _sha256(path)}
+        )
+        self._rows = []
+
+    def close(self) -> list[dict[str, Any]]:
+        self._flush()
+        return self.shards
+
+
+@dataclass
+class Manifest:
+    """What a shard folder holds."""
+
+    root: Path
+    source: str
+    shards: list[dict[str, Any]]
+    counts: dict[str, int]
+    vocab_file: str | None
+    info: dict[str, Any]
+
+    def files(self, split: str) -> list[Path]:
+        """Shard paths of one split."""
+        files = [self.root / s["file"] for s in self.shards if s["split"] == split]
+        if not files:
+            raise ValueError(
+                f"no shards for split '{split}' in {self.root}; splits present: "
+                f"{sorted(self.counts)}"
+            )
+        return files
+
+    @property
+    def vocab_path(self) -> Path:
+        if not self.vocab_file:
+            raise FileNotFoundError(f"{self.root / MANIFEST_NAME} names no vocabulary")
+        return self.root / self.vocab_file
+
+    def write(self) -> None:
+        body = {
+            "format_version": FORMAT_VERSION,
+            "source": self.source,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "counts": self.counts,
+            "shards": self.shards,
+            "vocab": self.vocab_file,
+            "info": self.info,
+        }
+        tmp = self.root / (MANIFEST_NAME + ".tmp")
+        tmp.write_text(json.dumps(body, indent=1))
+        tmp.replace(self.root / MANIFEST_NAME)
+
+
+def read_manifest(root: str | Path, verify: bool = False) -> Manifest:
+    """Read ``manifest.json`` of a shard folder; ``verify`` re-checks every checksum."""
+    root = Path(root)
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no {MANIFEST_NAME} in {root}: prepare the dataset first "
+            "(e.g. `hericap prepare synthetic --out DIR`)"
+        )
+    body = json.loads(path.read_text())
+    if body.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has shard format {body.get('format_version')}, this HeriCap reads "
+            f"{FORMAT_VERSION}: prepare the dataset again"
+        )
+    manifest = Manifest(
+        root=root,
+        source=body["source"],
+        shards=body["shards"],
+        counts=body["counts"],
+        vocab_file=body.get("vocab"),
+        info=body.get("info", {}),
+    )
+    if verify:
+        for s in manifest.shards:
+            digest = _sha256(root / s["file"])
+            if digest != s["sha256"]:
+                raise RuntimeError(f"checksum mismatch for {root / s['file']}: shard corrupted")
+    return manifest
+
+
+def read_rows(files: Iterable[str | Path], columns: list[str] | None = None) -> list[dict]:
+    """All rows of some shards as dicts (small splits, tests and evaluation references)."""
+    rows: list[dict] = []
+    for f in files:
+        rows.extend(pq.read_table(f, columns=columns).to_pylist())
+    return rows
