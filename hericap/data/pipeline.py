@@ -24,8 +24,9 @@ logger = logging.getLogger(__name__)
 TRAIN_COLUMNS = ["image_id", "image", "captions"]
 
 
-def decode_batch(batch: dict[str, np.ndarray], image_size: int,
-                 keep_ids: frozenset[str] | None = None) -> dict[str, np.ndarray]:
+def decode_batch(
+    batch: dict[str, np.ndarray], image_size: int, keep_ids: frozenset[str] | None = None
+) -> dict[str, np.ndarray]:
     """Decode ``image`` bytes to ``uint8 [B, S, S, 3]``; unreadable images are dropped, logged.
 
     ``keep_ids`` keeps only those rows (filtered before decoding).
@@ -45,8 +46,9 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int,
         captions = np.empty(len(keep), dtype=object)
         captions[:] = [[str(c) for c in batch["captions"][i]] for i in keep]
         out["captions"] = captions
-    out["image"] = (np.stack(images) if images
-                    else np.zeros((0, image_size, image_size, 3), dtype=np.uint8))
+    out["image"] = (
+        np.stack(images) if images else np.zeros((0, image_size, image_size, 3), dtype=np.uint8)
+    )
     return out
 
 

@@ -56,17 +56,19 @@ def prepare_synthetic(
         for split, n in sizes.items():
             writer = ShardWriter(out, split, shard_rows=shard_rows)
             for s in synthetic.iter_split(seed, split, n, image_size=image_size):
-                writer.add({
-                    "image_id": s.image_id,
-                    "split": split,
-                    "image": s.jpeg,
-                    "width": s.width,
-                    "height": s.height,
-                    "captions": s.captions,
-                    "source": "synthetic",
-                    "file_name": None,
-                    "scene": json.dumps(s.scene.to_dict()),
-                })
+                writer.add(
+                    {
+                        "image_id": s.image_id,
+                        "split": split,
+                        "image": s.jpeg,
+                        "width": s.width,
+                        "height": s.height,
+                        "captions": s.captions,
+                        "source": "synthetic",
+                        "file_name": None,
+                        "scene": json.dumps(s.scene.to_dict()),
+                    }
+                )
                 bar.update(1)
             shards.extend(writer.close())
     train_files = [out / s["file"] for s in shards if s["split"] == "train"]
@@ -79,8 +81,13 @@ def prepare_synthetic(
         shards=shards,
         counts={k: v for k, v in sizes.items() if v},
         vocab_file=VOCAB_NAME,
-        info={"seed": seed, "image_size": image_size, "vocab_min_count": min_count,
-              "vocab_size": len(vocab), "generator_version": synthetic.GENERATOR_VERSION},
+        info={
+            "seed": seed,
+            "image_size": image_size,
+            "vocab_min_count": min_count,
+            "vocab_size": len(vocab),
+            "generator_version": synthetic.GENERATOR_VERSION,
+        },
     )
     manifest.write()
     logger.info("wrote %d synthetic images to %s (vocabulary: %d words)", total, out, len(vocab))

@@ -191,8 +191,11 @@ def _sample_scene(rng: random.Random) -> Scene:
         ok = True
         for count, (shape, colour) in zip(group_sizes, kinds, strict=True):
             # Crowded scenes use small objects more often so that everything fits.
-            size = rng.choice(["small", "large"]) if len(group_sizes) < 3 or count > 1 else (
-                "large" if rng.random() < 0.3 else "small")
+            size = (
+                rng.choice(["small", "large"])
+                if len(group_sizes) < 3 or count > 1
+                else ("large" if rng.random() < 0.3 else "small")
+            )
             r = SIZES[size][0]
             members = []
             for _ in range(count):
@@ -223,8 +226,10 @@ def _sample_scene(rng: random.Random) -> Scene:
 def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     def ring(n: int, radius: float, phase: float) -> list[tuple[float, float]]:
         return [
-            (cx + radius * math.cos(phase + 2 * math.pi * k / n),
-             cy + radius * math.sin(phase + 2 * math.pi * k / n))
+            (
+                cx + radius * math.cos(phase + 2 * math.pi * k / n),
+                cy + radius * math.sin(phase + 2 * math.pi * k / n),
+            )
             for k in range(n)
         ]
 
@@ -240,9 +245,20 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[flo
         return [p for pair in zip(outer, inner, strict=True) for p in pair]
     if shape == "cross":
         a, b = r, r * 0.36
-        return [(cx - b, cy - a), (cx + b, cy - a), (cx + b, cy - b), (cx + a, cy - b),
-                (cx + a, cy + b), (cx + b, cy + b), (cx + b, cy + a), (cx - b, cy + a),
-                (cx - b, cy + b), (cx - a, cy + b), (cx - a, cy - b), (cx - b, cy - b)]
+        return [
+            (cx - b, cy - a),
+            (cx + b, cy - a),
+            (cx + b, cy - b),
+            (cx + a, cy - b),
+            (cx + a, cy + b),
+            (cx + b, cy + b),
+            (cx + b, cy + a),
+            (cx - b, cy + a),
+            (cx - b, cy + b),
+            (cx - a, cy + b),
+            (cx - a, cy - b),
+            (cx - b, cy - b),
+        ]
     raise ValueError(f"no polygon for shape {shape!r}")
 
 
@@ -255,15 +271,20 @@ def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, side: int) -> None
         lobe = r * 0.5
         draw.ellipse([cx - 2 * lobe, cy - r * 0.75, cx, cy - r * 0.75 + 2 * lobe], fill=fill)
         draw.ellipse([cx, cy - r * 0.75, cx + 2 * lobe, cy - r * 0.75 + 2 * lobe], fill=fill)
-        draw.polygon([(cx - 1.95 * lobe, cy - r * 0.1), (cx + 1.95 * lobe, cy - r * 0.1),
-                      (cx, cy + r)], fill=fill)
+        draw.polygon(
+            [(cx - 1.95 * lobe, cy - r * 0.1), (cx + 1.95 * lobe, cy - r * 0.1), (cx, cy + r)],
+            fill=fill,
+        )
     else:
         draw.polygon(_shape_polygon(obj.shape, cx, cy, r), fill=fill)
 
 
 def _background(rng: random.Random, tone: str, side: int) -> Image.Image:
-    level = {"dark": rng.uniform(35, 80), "gray": rng.uniform(105, 150),
-             "light": rng.uniform(185, 235)}[tone]
+    level = {
+        "dark": rng.uniform(35, 80),
+        "gray": rng.uniform(105, 150),
+        "light": rng.uniform(185, 235),
+    }[tone]
     tint = [rng.uniform(-12, 12) for _ in range(3)]
     top = [max(0, min(255, level + t)) for t in tint]
     delta = rng.uniform(-25, 25)
@@ -273,7 +294,7 @@ def _background(rng: random.Random, tone: str, side: int) -> Image.Image:
     draw = ImageDraw.Draw(img)
     for i in range(side):
         a = i / max(1, side - 1)
-        colour = tuple(int(round(t * (1 - a) + b * a)) for t, b in zip(top, bottom, strict=True))
+        colour = tuple(round(t * (1 - a) + b * a) for t, b in zip(top, bottom, strict=True))
         if horizontal:
             draw.line([(i, 0), (i, side)], fill=colour)
         else:
@@ -326,8 +347,13 @@ def _join(phrases: list[str]) -> str:
 
 
 def _intro(rng: random.Random, first_count: int) -> str:
-    options = ["", "an image of", "a picture of", "a photo showing", "there is" if first_count == 1
-               else "there are"]
+    options = [
+        "",
+        "an image of",
+        "a picture of",
+        "a photo showing",
+        "there is" if first_count == 1 else "there are",
+    ]
     return rng.choice(options)
 
 
@@ -343,8 +369,10 @@ def _caption(rng: random.Random, scene: Scene) -> str:
         if pattern == "relation_inverse":
             a, b, rel = b, a, RELATIONS[rel][1]
         rest = [g for g in order if g not in (a, b)]
-        text = f"{_noun_phrase(rng, scene, a)} {rng.choice(RELATIONS[rel][0])} " \
-               f"{_noun_phrase(rng, scene, b)}"
+        text = (
+            f"{_noun_phrase(rng, scene, a)} {rng.choice(RELATIONS[rel][0])} "
+            f"{_noun_phrase(rng, scene, b)}"
+        )
         if rest:
             text += " and " + _join([_noun_phrase(rng, scene, g) for g in rest])
         first = len(scene.groups[a])
@@ -402,8 +430,15 @@ _PLURAL_WORDS = {pl for syns in SHAPES.values() for _, pl in syns}
 _COLOUR_WORDS = {w: canon for canon, (_, syns) in COLOURS.items() for w in syns}
 _SIZE_WORDS = {w: canon for canon, (_, syns) in SIZES.items() for w in syns}
 _COUNT_WORDS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3}
-_RELATION_WORDS = {"above": "above", "over": "above", "below": "below", "under": "below",
-                   "beneath": "below", "left": "left", "right": "right"}
+_RELATION_WORDS = {
+    "above": "above",
+    "over": "above",
+    "below": "below",
+    "under": "below",
+    "beneath": "below",
+    "left": "left",
+    "right": "right",
+}
 
 
 @dataclass

@@ -52,8 +52,9 @@ class Vocabulary:
         if min_count < 1:
             raise ValueError(f"min_count={min_count} must be >= 1")
         counts = Counter(t for c in captions for t in tokenize(c))
-        words = sorted((w for w, n in counts.items() if n >= min_count),
-                       key=lambda w: (-counts[w], w))
+        words = sorted(
+            (w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w)
+        )
         return cls(words, min_count=min_count)
 
     def encode(self, caption: str, max_len: int | None = None) -> list[int]:
@@ -91,10 +92,8 @@ class Vocabulary:
     def from_dict(cls, d: dict) -> Vocabulary:
         itos = d["itos"]
         if tuple(itos[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
-            raise ValueError(
-                f"vocabulary must start with {list(SPECIAL_TOKENS)}, got {itos[:4]}"
-            )
-        return cls(itos[len(SPECIAL_TOKENS):], min_count=d.get("min_count", 1))
+            raise ValueError(f"vocabulary must start with {list(SPECIAL_TOKENS)}, got {itos[:4]}")
+        return cls(itos[len(SPECIAL_TOKENS) :], min_count=d.get("min_count", 1))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=0))

@@ -31,8 +31,9 @@ def decode_image(data: bytes, image_size: int) -> np.ndarray:
         raise ValueError(f"not a readable image ({len(data)} bytes): {e}") from e
 
 
-def normalize_images(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu"
-                     ) -> torch.Tensor:
+def normalize_images(
+    images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """``uint8 [B, H, W, 3]`` -> ImageNet-normalised ``float32 [B, 3, H, W]``."""
     x = torch.as_tensor(images, device=device)
     x = x.permute(0, 3, 1, 2).float().div_(255.0)

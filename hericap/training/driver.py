@@ -30,7 +30,7 @@ from hericap.data.shards import Manifest, read_manifest, read_rows
 from hericap.data.text import Vocabulary
 from hericap.training.loop import train_loop_per_worker
 
-__all__ = ["TrainOutcome", "ensure_shards", "shard_dir", "train"]
+__all__ = ["TrainOutcome", "ensure_shards", "first_image_ids", "shard_dir", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def ensure_shards(cfg: Config) -> Manifest:
         ) from e
 
 
-def _ids(files: list[Path], limit: int) -> list[str]:
+def first_image_ids(files: list[Path], limit: int) -> list[str]:
     """The first ``limit`` image ids of some shards, in file order (deterministic)."""
     ids: list[str] = []
     for f in files:
@@ -162,13 +162,13 @@ def train(cfg: Config) -> TrainOutcome:
     train_files, val_files = manifest.files("train"), manifest.files("val")
     keep_train = None
     if cfg.dataset.overfit:
-        keep_train = frozenset(_ids(train_files, cfg.dataset.overfit_size))
+        keep_train = frozenset(first_image_ids(train_files, cfg.dataset.overfit_size))
         val_files, keep_val = train_files, keep_train
         n_train = len(keep_train)
     else:
         n_train = manifest.counts["train"]
         keep_val = (
-            frozenset(_ids(val_files, cfg.dataset.max_val_images))
+            frozenset(first_image_ids(val_files, cfg.dataset.max_val_images))
             if cfg.dataset.max_val_images
             else None
         )

@@ -21,7 +21,7 @@ from hericap.data.synthetic import Scene
 from hericap.evaluation.coco_metrics import CocoScorer
 from hericap.evaluation.inference import CaptionPredictor
 from hericap.evaluation.report import build_report
-from hericap.training.driver import _ids, ensure_shards
+from hericap.training.driver import ensure_shards, first_image_ids
 
 __all__ = ["evaluate_checkpoint"]
 
@@ -44,7 +44,7 @@ def evaluate_checkpoint(
     manifest = ensure_shards(cfg)
     files = manifest.files(split)
     limit = cfg.dataset.max_test_images if split == "test" else cfg.dataset.max_val_images
-    keep = frozenset(_ids(files, limit)) if limit else None
+    keep = frozenset(first_image_ids(files, limit)) if limit else None
     rows = [
         r
         for r in read_rows(files, columns=["image_id", "captions", "scene"])
