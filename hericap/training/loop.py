@@ -257,6 +257,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     time.time() - run_start,
                 )
         train_time = time.time() - t0
+        if world > 1:  # every rank reports the same mean train loss
+            totals = torch.tensor([loss_sum, float(n_steps)], dtype=torch.float64)
+            dist.all_reduce(totals)
+            loss_sum, loss_steps = totals.tolist()
+        else:
+            loss_steps = n_steps
         val_cider, n_val = _validate(
             model,
             loop_config["val_files"],
@@ -274,7 +280,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "phase": "xe",
             "epoch": epoch,
             "step": step,
-            "train_loss": loss_sum / max(1, n_steps),
+            "train_loss": loss_sum / max(1.0, loss_steps),
             "val_CIDEr": val_cider,
             "val_images": n_val,
             "lr": scheduler.get_last_lr()[-1],
