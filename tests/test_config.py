@@ -120,3 +120,29 @@ def test_data_root_env_is_used(monkeypatch):
     assert load_config().dataset.root == "/mnt/datasets"
     monkeypatch.delenv("DATA_ROOT")
     assert load_config().dataset.root == "data"
+
+
+def test_research_keys_spelled_differently_say_where_they_went():
+    with pytest.raises(ConfigError, match=r"decode\.test_beam_size"):
+        load_config(["model.beam_size=3"])
+
+
+def test_seed_num_workers_drives_decode_concurrency_unless_set():
+    from hericap.training.driver import decode_concurrency
+
+    assert decode_concurrency(load_config(["preset=demo", "optimizer.num_workers=4"])) == 4
+    assert (
+        decode_concurrency(
+            load_config(["preset=demo", "optimizer.num_workers=4", "dataset.decode_concurrency=2"])
+        )
+        == 2
+    )
+    assert decode_concurrency(load_config(["preset=demo", "optimizer.num_workers=0"])) is None
+
+
+def test_detector_checkpoint_without_region_branch_is_refused():
+    from hericap.models import build_captioner
+
+    cfg = load_config(["preset=demo", "model.detector.checkpoint=/w/region_ckpt.pth"])
+    with pytest.raises(ValueError, match="region"):
+        build_captioner(cfg.model, 20, 64)

@@ -59,10 +59,20 @@ def _group_keys() -> set[str]:
     return groups
 
 
+# Research-code keys that HeriCap spells differently: setting one says where it went.
+MOVED_KEYS = {
+    "model.beam_size": "decode.test_beam_size (and decode.val_beam_size)",
+    "model.beam_len": "decode.max_len",
+    "model.max_len": "dataset.max_caption_len",
+}
+
+
 def _check_key(key: str, where: str) -> None:
     keys = valid_keys()
     if key in keys:
         return
+    if key in MOVED_KEYS:
+        raise ConfigError(f"{where}: '{key}' is spelled {MOVED_KEYS[key]} in HeriCap")
     if key in _group_keys():
         raise ConfigError(
             f"{where}: '{key}' is a group, not a value; set one of its keys, e.g. "

@@ -49,10 +49,6 @@ class ExpConfig:
     ray_address: str | None = None
     # Logical CPUs of a local Ray cluster started by us (None: Ray's default, the machine's cores).
     ray_num_cpus: int | None = None
-    # Mirrors of research-code keys kept for command compatibility.
-    rank: int = 0
-    eval: bool = False
-    start_epoch: int = 0
 
 
 @dataclass
@@ -76,9 +72,10 @@ class DatasetConfig:
     synthetic_test: int = 500
     synthetic_seed: int = 0
     shard_rows: int = 1000
-    # Images per Ray Data map_batches call, and how many decode tasks run at once.
+    # Images per Ray Data map_batches call, and how many decode tasks run at once
+    # (0: optimizer.num_workers, the seed's data-loader workers; both 0: Ray decides).
     decode_batch_size: int = 64
-    decode_concurrency: int = 1
+    decode_concurrency: int = 0
     local_shuffle_buffer: int = 1000
     # Limits the val/test images used (0: all). Val is scored every epoch.
     max_val_images: int = 0
@@ -146,9 +143,6 @@ class ModelConfig:
     extractor: ExtractorConfig = field(default_factory=ExtractorConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     cap_generator: CapGeneratorConfig = field(default_factory=CapGeneratorConfig)
-    # Decoding defaults (the paper: beam 5, 20 words).
-    beam_size: int = 5
-    beam_len: int = 20
 
 
 @dataclass
@@ -156,7 +150,8 @@ class OptimizerConfig:
     """Optimisation: phases, learning rates, batch size."""
 
     batch_size: int = 32
-    # Data-loading parallelism (seed key); maps to Ray Data decode concurrency when > 0.
+    # Data-loading parallelism (seed key): Ray Data decode tasks, unless
+    # dataset.decode_concurrency sets them.
     num_workers: int = 2
     freezing_xe_epochs: int = 0
     freezing_sc_epochs: int = 0
@@ -182,7 +177,7 @@ class OptimizerConfig:
 
 @dataclass
 class DecodeConfig:
-    """How val/test captions are decoded."""
+    """How val/test captions are decoded (the paper: beam 5, 20 words)."""
 
     val_beam_size: int = 1
     test_beam_size: int = 5

@@ -35,6 +35,11 @@ def build_captioner(model: ModelConfig, vocab_size: int, image_size: int) -> Cap
             "builds the grid branch only (region and global sub-encoders are not included yet); "
             "set them to False"
         )
+    if model.detector.checkpoint:
+        raise ValueError(
+            f"model.detector.checkpoint={model.detector.checkpoint!r} is set, but this HeriCap "
+            "version has no region sub-encoder to load it into; remove it (it would be ignored)"
+        )
     if not model.use_gri_feat:
         raise ValueError("model.use_gri_feat=False leaves no visual memory in this version")
     ext = model.extractor

@@ -30,7 +30,14 @@ from hericap.data.shards import Manifest, read_manifest, read_rows
 from hericap.data.text import Vocabulary
 from hericap.training.loop import train_loop_per_worker
 
-__all__ = ["TrainOutcome", "ensure_shards", "first_image_ids", "shard_dir", "train"]
+__all__ = [
+    "TrainOutcome",
+    "decode_concurrency",
+    "ensure_shards",
+    "first_image_ids",
+    "shard_dir",
+    "train",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +141,12 @@ def _check_gpus(cfg: Config) -> bool:
     return True
 
 
+def decode_concurrency(cfg: Config) -> int | None:
+    """Ray Data decode tasks: ``dataset.decode_concurrency``, else the seed's
+    ``optimizer.num_workers``, else None (Ray decides)."""
+    return cfg.dataset.decode_concurrency or cfg.optimizer.num_workers or None
+
+
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
@@ -186,7 +199,7 @@ def train(cfg: Config) -> TrainOutcome:
         if keep_val is None or r["image_id"] in keep_val
     }
 
-    concurrency = cfg.dataset.decode_concurrency or None
+    concurrency = decode_concurrency(cfg)
     datasets = {
         "train": shard_dataset(
             train_files,
