@@ -15,19 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hericap.config.loader import ConfigError, from_dict, list_presets, load_config
+from hericap.log import setup_logging
 
 logger = logging.getLogger("hericap")
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    """HeriCap's loggers at ``level``; everything else (Ray's internals) at WARNING."""
-    logging.basicConfig(
-        level=logging.WARNING,
-        datefmt="%H:%M:%S",
-        force=True,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("hericap").setLevel(level)
 
 
 def _config(overrides: Sequence[str], default_preset: str):
@@ -66,10 +56,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def _train_and_test(cfg, skip_test: bool = False) -> dict | None:
     from hericap.training.driver import train
     from hericap.training.evaluate import evaluate_checkpoint
-    from hericap.training.ray_utils import init_ray
+    from hericap.training.ray_utils import ray_session
 
-    started = init_ray(cfg.exp.ray_address, cfg.exp.ray_num_cpus)
-    try:
+    with ray_session(cfg.exp.ray_address, cfg.exp.ray_num_cpus):
         outcome = train(cfg)
         logger.info(
             "training took %.0fs; best val CIDEr %.3f (epoch %d)",
@@ -80,11 +69,6 @@ def _train_and_test(cfg, skip_test: bool = False) -> dict | None:
         if skip_test:
             return None
         return evaluate_checkpoint(cfg, outcome.best_checkpoint, "test")
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -100,7 +84,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from hericap.evaluation.report import format_table
     from hericap.training.evaluate import evaluate_checkpoint
-    from hericap.training.ray_utils import init_ray
+    from hericap.training.ray_utils import ray_session
 
     pre = load_config(args.overrides, preset=None, validate=False) if args.overrides else None
     ckpt = pre.exp.checkpoint if pre else None
@@ -112,14 +96,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # The checkpoint's own config is the base; the command line overrides it.
     base = from_dict(json.loads(saved.read_text()))
     cfg = load_config(args.overrides, base=base)
-    started = init_ray(cfg.exp.ray_address, cfg.exp.ray_num_cpus)
-    try:
+    with ray_session(cfg.exp.ray_address, cfg.exp.ray_num_cpus):
         report = evaluate_checkpoint(cfg, ckpt, cfg.split)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     print(format_table(report))
     return 0
 

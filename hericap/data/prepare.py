@@ -14,7 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from hericap.data import synthetic
-from hericap.data.shards import VOCAB_NAME, Manifest, ShardWriter, read_rows
+from hericap.data.shards import VOCAB_NAME, Manifest, ShardWriter
 from hericap.data.text import Vocabulary
 
 __all__ = ["PREPARERS", "prepare_synthetic"]
@@ -51,6 +51,7 @@ def prepare_synthetic(
     out.mkdir(parents=True, exist_ok=True)
     sizes = {"train": num_train, "val": num_val, "test": num_test}
     shards: list[dict] = []
+    train_captions: list[str] = []
     total = sum(sizes.values())
     with tqdm(total=total, desc="synthetic", unit="img", disable=not progress) as bar:
         for split, n in sizes.items():
@@ -69,11 +70,11 @@ def prepare_synthetic(
                         "scene": json.dumps(s.scene.to_dict()),
                     }
                 )
+                if split == "train":
+                    train_captions.extend(s.captions)
                 bar.update(1)
             shards.extend(writer.close())
-    train_files = [out / s["file"] for s in shards if s["split"] == "train"]
-    captions = [c for r in read_rows(train_files, columns=["captions"]) for c in r["captions"]]
-    vocab = Vocabulary.build(captions, min_count=min_count)
+    vocab = Vocabulary.build(train_captions, min_count=min_count)
     vocab.save(out / VOCAB_NAME)
     manifest = Manifest(
         root=out,

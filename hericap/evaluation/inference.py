@@ -5,10 +5,34 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from hericap.data.text import Vocabulary
 from hericap.data.transforms import normalize_images
+from hericap.models.captioner import Captioner
 from hericap.training.checkpoint import load_checkpoint
 
-__all__ = ["CaptionPredictor"]
+__all__ = ["CaptionPredictor", "caption_batch"]
+
+
+@torch.no_grad()
+def caption_batch(
+    model: Captioner,
+    vocab: Vocabulary,
+    images: np.ndarray,
+    beam_size: int = 5,
+    max_len: int = 20,
+    length_penalty: float = 0.0,
+    device: torch.device | str = "cpu",
+) -> list[str]:
+    """``uint8 [B, H, W, 3]`` images -> one caption each (greedy when ``beam_size == 1``)."""
+    if len(images) == 0:
+        return []
+    out = model.generate(
+        normalize_images(images, device),
+        beam_size=beam_size,
+        max_len=max_len,
+        length_penalty=length_penalty,
+    )
+    return [vocab.decode(seq[0].tolist()) for seq in out.tokens]
 
 
 class CaptionPredictor:
@@ -37,15 +61,14 @@ class CaptionPredictor:
 
     def caption(self, images: np.ndarray) -> list[str]:
         """``uint8 [B, H, W, 3]`` -> one caption per image."""
-        if len(images) == 0:
-            return []
-        out = self.ckpt.model.generate(
-            normalize_images(images),
+        return caption_batch(
+            self.ckpt.model,
+            self.ckpt.vocab,
+            images,
             beam_size=self.beam_size,
             max_len=self.max_len,
             length_penalty=self.length_penalty,
         )
-        return [self.ckpt.vocab.decode(seq[0].tolist()) for seq in out.tokens]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from hericap.models.layers import FeedForward, MultiHeadAttention, sinusoid_2d
+from hericap.models.weights import load_state_dict_strict
 
 __all__ = ["STEMS", "ConvStem", "EncoderLayer", "GridEncoder", "SwinExtractor"]
 
@@ -142,16 +143,7 @@ class SwinExtractor(nn.Module):
             raise FileNotFoundError(f"model.extractor.checkpoint not found: {p}")
         state = torch.load(p, map_location="cpu", weights_only=True)
         state = state.get("model", state)
-        expected = set(self.body.state_dict())
-        missing = sorted(expected - set(state))
-        unexpected = sorted(set(state) - expected)
-        if missing or unexpected:
-            raise RuntimeError(
-                f"backbone checkpoint {p} does not match the extractor: "
-                f"missing keys {missing[:20]}{'...' if len(missing) > 20 else ''}, "
-                f"unexpected keys {unexpected[:20]}{'...' if len(unexpected) > 20 else ''}"
-            )
-        self.body.load_state_dict(state, strict=True)
+        load_state_dict_strict(self.body, state, what=f"backbone checkpoint {p}")
         logger.info("loaded backbone weights from %s", p)
 
     def _freeze(self) -> None:

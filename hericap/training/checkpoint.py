@@ -22,6 +22,7 @@ from torch import nn
 from hericap.config.loader import from_dict, to_dict
 from hericap.config.schema import Config
 from hericap.data.text import Vocabulary
+from hericap.models.weights import load_state_dict_strict
 
 __all__ = ["LoadedCheckpoint", "load_checkpoint", "load_state_dict_strict", "save_checkpoint"]
 
@@ -52,25 +53,6 @@ def save_checkpoint(
     vocab.save(d / VOCAB_FILE)
     (d / META_FILE).write_text(json.dumps(meta, indent=1))
     return d
-
-
-def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """Load ``state`` into ``model``; any missing or unexpected key is an error listing them."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = sorted(
-        k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape)
-    )
-    if missing or unexpected or mismatched:
-        shapes = [(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in mismatched[:10]]
-        raise RuntimeError(
-            f"{what} does not match the model: "
-            f"missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''}; "
-            f"unexpected keys {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}; "
-            f"shape mismatches (key, checkpoint, model) {shapes}"
-        )
-    model.load_state_dict(state, strict=True)
 
 
 @dataclass

@@ -32,12 +32,14 @@ from hericap.config.loader import from_dict
 from hericap.data.text import Vocabulary
 from hericap.data.transforms import decode_image, normalize_images
 from hericap.evaluation.coco_metrics import cider_d
+from hericap.evaluation.inference import caption_batch
+from hericap.log import setup_logging
 from hericap.models.builder import build_captioner
+from hericap.models.weights import load_state_dict_strict
 from hericap.training.checkpoint import (
     META_FILE,
     MODEL_FILE,
     STATE_FILE,
-    load_state_dict_strict,
     save_checkpoint,
 )
 from hericap.training.optim import build_optimizer, warmup_cosine
@@ -138,10 +140,8 @@ def _validate(
     net.eval()
     mine: list[tuple[str, str]] = []
     for ids, images in _iter_val_slice(files, references, image_size, batch_size, rank, world):
-        out = net.generate(normalize_images(images, device), beam_size=beam_size, max_len=max_len)
-        mine.extend(
-            (i, vocab.decode(seq[0].tolist())) for i, seq in zip(ids, out.tokens, strict=True)
-        )
+        captions = caption_batch(net, vocab, images, beam_size, max_len, device=device)
+        mine.extend(zip(ids, captions, strict=True))
     gathered: list[list[tuple[str, str]]] = [mine]
     if world > 1:
         gathered = [None] * world  # type: ignore[list-item]
@@ -161,12 +161,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry: ``loop_config`` holds ``config`` (dict), ``vocab`` (dict),
     ``val_files`` (shard paths), ``val_references`` ({image_id: captions}: the val images) and
     ``steps_per_epoch``."""
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", force=True
-    )
-    logging.getLogger("hericap").setLevel(logging.INFO)
-    for noisy in ("ray.data", "ray.train"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging()
     cfg = from_dict(loop_config["config"])
     vocab = Vocabulary.from_dict(loop_config["vocab"])
     references: dict[str, list[str]] = loop_config["val_references"]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 
 import ray
 import ray.data
 
-__all__ = ["init_ray"]
+__all__ = ["init_ray", "ray_session"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,3 +43,14 @@ def init_ray(
     ctx.print_on_execution_start = False
     logger.info("Ray: %s", ray.cluster_resources())
     return True
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
+    """:func:`init_ray` for a block; shuts Ray down afterwards only if this block started it."""
+    started = init_ray(address, num_cpus)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
