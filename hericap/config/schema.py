@@ -145,6 +145,9 @@ class ModelConfig:
     cap_generator: CapGeneratorConfig = field(default_factory=CapGeneratorConfig)
 
 
+SCST_BASELINES = ("beam_mean", "leave_one_out", "greedy")
+
+
 @dataclass
 class OptimizerConfig:
     """Optimisation: phases, learning rates, batch size."""
@@ -161,6 +164,12 @@ class OptimizerConfig:
     xe_backbone_lr: float = 1e-5
     sc_lr: float = 5e-6
     sc_backbone_lr: float = 5e-6
+    # SCST reward baseline: beam_mean (GRIT/M2), leave_one_out (PureT) or greedy (Rennie et al.)
+    sc_baseline: str = "beam_mean"
+    # beams (beam_mean) or samples (leave_one_out, greedy) per image
+    sc_num_sequences: int = 5
+    # append <eos> to the reward strings (SacreEOS); recorded with every score
+    sc_include_eos: bool = True
     warmup_steps: int = 1000
     min_lr_ratio: float = 0.01
     weight_decay: float = 0.01
@@ -236,6 +245,16 @@ class Config:
         ):
             if getattr(opt, key) < 0:
                 raise ValueError(f"optimizer.{key}={getattr(opt, key)} must be >= 0")
+        if opt.sc_baseline not in SCST_BASELINES:
+            raise ValueError(
+                f"optimizer.sc_baseline={opt.sc_baseline!r}; known: {list(SCST_BASELINES)}"
+            )
+        min_sequences = 2 if opt.sc_baseline == "leave_one_out" else 1
+        if opt.sc_num_sequences < min_sequences:
+            raise ValueError(
+                f"optimizer.sc_num_sequences={opt.sc_num_sequences} must be >= {min_sequences} "
+                f"for the {opt.sc_baseline} baseline"
+            )
         if self.decode.test_beam_size < 1 or self.decode.val_beam_size < 1:
             raise ValueError("decode.val_beam_size and decode.test_beam_size must be >= 1")
 

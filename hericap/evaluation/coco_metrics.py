@@ -196,15 +196,12 @@ class CocoScorer:
 
 
 def cider_d(references: Mapping[str, Sequence[str]], candidates: Mapping[str, str]) -> float:
-    """The toolkit's CIDEr-D on pre-tokenised text (no JVM): for per-epoch validation.
+    """The toolkit's CIDEr-D without a JVM, for per-epoch validation: captions are tokenised by
+    :func:`~hericap.evaluation.ptb.ptb_tokenize` and scored by the vectorised
+    :class:`~hericap.evaluation.cider.CiderD` (equal to the toolkit's ``Cider``)."""
+    from hericap.evaluation.cider import cider_d_scores
+    from hericap.evaluation.ptb import ptb_tokenize
 
-    Captions are tokenised with :func:`hericap.data.text.tokenize` (lowercase, punctuation
-    dropped), which is what the PTB tokeniser yields on HeriCap's own caption text.
-    """
-    from pycocoevalcap.cider.cider import Cider
-
-    from hericap.data.text import tokenize
-
-    gts = {k: [" ".join(tokenize(c)) for c in v] for k, v in references.items()}
-    res = {k: [" ".join(tokenize(v))] for k, v in candidates.items()}
-    return float(Cider().compute_score(gts, res)[0])
+    gts = {k: [ptb_tokenize(c) for c in v] for k, v in references.items()}
+    res = {k: ptb_tokenize(v) for k, v in candidates.items()}
+    return cider_d_scores(gts, res)[0]

@@ -6,11 +6,19 @@ attention) sub-encoders plug in as further memories named ``region`` and ``globa
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from hericap.models.decoder import HierarchicalDecoder
-from hericap.models.decoding import DecodeOutput, beam_search, greedy_decode, sample_decode
+from hericap.models.decoding import (
+    DecodeOutput,
+    Memories,
+    beam_search,
+    greedy_decode,
+    sample_decode,
+)
 from hericap.models.encoders import GridEncoder, SwinExtractor
 
 __all__ = ["Captioner"]
@@ -47,16 +55,42 @@ class Captioner(nn.Module):
         return {"grid": self.grid_encoder(maps[-1])}
 
     def forward(
-        self, images: torch.Tensor, tokens: torch.Tensor, captions_per_image: int = 1
-    ) -> torch.Tensor:
-        """Teacher-forced log-probs ``[B * captions_per_image, T, V]``.
+        self,
+        images: torch.Tensor,
+        tokens: torch.Tensor | None = None,
+        captions_per_image: int = 1,
+        decode: Callable[[Captioner, Memories], tuple[torch.Tensor, torch.Tensor | None]]
+        | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """XE: teacher-forced log-probs ``[B * captions_per_image, T, V]`` of ``tokens``.
 
         ``tokens`` holds ``captions_per_image`` captions per image, image-major; each image is
         encoded once and all its captions attend the same memories.
+
+        SCST (``decode`` given, ``tokens`` None): ``decode(self, memories)`` produces sequences
+        ``[B, k, T]`` (and optionally baseline sequences) without gradients, with the decoder in
+        eval mode; returns the per-token log-probs ``[B * k, T]`` of those sequences, with
+        gradients, then the sequences and the baseline sequences. Both passes run inside this
+        ``forward`` so DDP sees one forward per step.
         """
         memories = self.encode(images)
-        log_probs, _ = self.decoder(tokens, memories, captions_per_memory=captions_per_image)
-        return log_probs
+        if decode is None:
+            if tokens is None:
+                raise ValueError("tokens are needed for teacher forcing")
+            log_probs, _ = self.decoder(tokens, memories, captions_per_memory=captions_per_image)
+            return log_probs
+        was_training = self.decoder.training
+        self.decoder.eval()
+        with torch.no_grad():
+            sequences, baseline = decode(self, {k: v.detach() for k, v in memories.items()})
+        self.decoder.train(was_training)
+        b, k, t = sequences.shape
+        flat = sequences.reshape(b * k, t)
+        bos = torch.full((b * k, 1), self.bos_idx, dtype=flat.dtype, device=flat.device)
+        inputs = torch.cat([bos, flat[:, :-1]], dim=1)
+        log_probs, _ = self.decoder(inputs, memories, captions_per_memory=k)
+        token_log_probs = log_probs.gather(-1, flat.unsqueeze(-1)).squeeze(-1)
+        return token_log_probs, sequences, baseline
 
     def _ids(self) -> dict[str, int]:
         return {"bos_idx": self.bos_idx, "eos_idx": self.eos_idx, "pad_idx": self.pad_idx}

@@ -108,24 +108,21 @@ def first_image_ids(files: list[Path], limit: int) -> list[str]:
     return ids[:limit]
 
 
-def _check_phases(cfg: Config) -> int:
+def _check_phases(cfg: Config) -> tuple[int, int]:
+    """(XE epochs, SCST epochs); refuses what this version cannot run."""
     opt = cfg.optimizer
-    sc = opt.freezing_sc_epochs + opt.finetune_sc_epochs
-    if sc:
+    frozen = {k: getattr(opt, k) for k in ("freezing_xe_epochs", "freezing_sc_epochs")}
+    if any(frozen.values()):
         raise ValueError(
-            f"SCST epochs requested (optimizer.freezing_sc_epochs={opt.freezing_sc_epochs}, "
-            f"optimizer.finetune_sc_epochs={opt.finetune_sc_epochs}) but this HeriCap version "
-            "trains the XE phases only; set both to 0"
-        )
-    if opt.freezing_xe_epochs:
-        raise ValueError(
-            f"optimizer.freezing_xe_epochs={opt.freezing_xe_epochs}: frozen phases are not "
-            "available in this version; use optimizer.finetune_xe_epochs (and model.frozen_stages "
-            "to freeze backbone stages)"
+            f"{', '.join(f'optimizer.{k}={v}' for k, v in frozen.items() if v)}: frozen phases "
+            "are not available in this version; use optimizer.finetune_xe_epochs / "
+            "finetune_sc_epochs (and model.frozen_stages to freeze backbone stages)"
         )
     if opt.finetune_xe_epochs < 1:
-        raise ValueError("optimizer.finetune_xe_epochs must be >= 1 to train")
-    return opt.finetune_xe_epochs
+        raise ValueError(
+            "optimizer.finetune_xe_epochs must be >= 1 (SCST starts from the XE model)"
+        )
+    return opt.finetune_xe_epochs, opt.finetune_sc_epochs
 
 
 def _check_gpus(cfg: Config) -> bool:
@@ -159,7 +156,7 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 def train(cfg: Config) -> TrainOutcome:
     """Train per ``cfg`` on the current Ray cluster (call :func:`init_ray` first)."""
     t_start = time.time()
-    epochs = _check_phases(cfg)
+    xe_epochs, sc_epochs = _check_phases(cfg)
     use_gpu = _check_gpus(cfg)
     manifest = ensure_shards(cfg)
     vocab = Vocabulary.load(manifest.vocab_path)
@@ -199,6 +196,14 @@ def train(cfg: Config) -> TrainOutcome:
         if keep_val is None or r["image_id"] in keep_val
     }
 
+    train_references: dict[str, list[str]] = {}
+    if sc_epochs:  # the SCST reward's corpus: every training image's references
+        train_references = {
+            r["image_id"]: list(r["captions"])
+            for r in read_rows(train_files, columns=["image_id", "captions"])
+            if keep_train is None or r["image_id"] in keep_train
+        }
+
     concurrency = decode_concurrency(cfg)
     datasets = {
         "train": shard_dataset(
@@ -217,6 +222,7 @@ def train(cfg: Config) -> TrainOutcome:
             "vocab": vocab.to_dict(),
             "val_files": [str(f.resolve()) for f in val_files],
             "val_references": references,
+            "train_references": train_references,
             "steps_per_epoch": steps_per_epoch,
         },
         scaling_config=ScalingConfig(
@@ -239,9 +245,10 @@ def train(cfg: Config) -> TrainOutcome:
         datasets=datasets,
     )
     logger.info(
-        "training %s: %d epochs x %d steps, %d workers x batch %d, %d train images",
+        "training %s: %d XE + %d SCST epochs x %d steps, %d workers x batch %d, %d train images",
         cfg.exp.name,
-        epochs,
+        xe_epochs,
+        sc_epochs,
         steps_per_epoch,
         world,
         batch,

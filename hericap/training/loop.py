@@ -1,4 +1,4 @@
-"""The Ray Train worker loop (``train_loop_per_worker``): XE training with per-epoch validation.
+"""The Ray Train worker loop (``train_loop_per_worker``): XE then SCST, validated every epoch.
 
 Every worker rebuilds typed objects from the plain-dict loop config, trains on its dataset shard
 under DDP, decodes its slice of the validation images, and all workers agree on val CIDEr-D.
@@ -42,7 +42,8 @@ from hericap.training.checkpoint import (
     STATE_FILE,
     save_checkpoint,
 )
-from hericap.training.optim import build_optimizer, warmup_cosine
+from hericap.training.optim import build_optimizer, constant_lr, warmup_cosine
+from hericap.training.scst import CiderReward, advantages, make_scst_decoder, scst_loss
 
 __all__ = ["train_loop_per_worker"]
 
@@ -89,6 +90,27 @@ def _xe_loss(
     mask = tgt != pad_idx
     smooth = -flat[mask].mean(dim=-1).mean()
     return (1 - label_smoothing) * nll + label_smoothing * smooth
+
+
+def _scst_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    image_ids: np.ndarray,
+    reward: CiderReward,
+    decode,
+    baseline: str,
+    eos_idx: int,
+) -> tuple[torch.Tensor, float]:
+    """One SCST loss: decode (no gradients), reward, baseline, policy-gradient loss."""
+    token_log_probs, sequences, greedy = model(images, decode=decode)
+    b, k, t = sequences.shape
+    flat = sequences.reshape(b * k, t)
+    ids = [str(i) for i in image_ids]
+    rewards = reward([i for i in ids for _ in range(k)], flat).reshape(b, k)
+    greedy_rewards = reward(ids, greedy.reshape(b, -1)) if greedy is not None else None
+    adv = torch.as_tensor(advantages(rewards, baseline, greedy_rewards).reshape(-1))
+    loss = scst_loss(token_log_probs, flat, eos_idx, adv.to(token_log_probs.device))
+    return loss, float(rewards.mean())
 
 
 def _iter_val_slice(
@@ -175,21 +197,39 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = build_captioner(cfg.model, len(vocab), cfg.dataset.image_size)
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(model)
-    optimizer = build_optimizer(
-        model,
-        lr=opt_cfg.xe_lr,
-        backbone_lr=opt_cfg.xe_backbone_lr,
-        weight_decay=opt_cfg.weight_decay,
-        betas=(opt_cfg.beta_1, opt_cfg.beta_2),
-    )
-    epochs = opt_cfg.freezing_xe_epochs + opt_cfg.finetune_xe_epochs
-    total_steps = epochs * steps_per_epoch
+    xe_epochs = opt_cfg.freezing_xe_epochs + opt_cfg.finetune_xe_epochs
+    sc_epochs = opt_cfg.freezing_sc_epochs + opt_cfg.finetune_sc_epochs
+    epochs = xe_epochs + sc_epochs
+    xe_steps = xe_epochs * steps_per_epoch
     if opt_cfg.max_steps:
-        total_steps = min(total_steps, opt_cfg.max_steps)
-    scheduler = warmup_cosine(optimizer, opt_cfg.warmup_steps, total_steps, opt_cfg.min_lr_ratio)
+        xe_steps = min(xe_steps, opt_cfg.max_steps)
+
+    def phase_of(epoch: int) -> str:
+        return "xe" if epoch < xe_epochs else "sc"
+
+    def make_optimizer(phase: str):
+        """XE: AdamW with warm-up and cosine decay; SCST: constant LR (the paper: 5e-6)."""
+        if phase == "xe":
+            opt = build_optimizer(
+                model,
+                lr=opt_cfg.xe_lr,
+                backbone_lr=opt_cfg.xe_backbone_lr,
+                weight_decay=opt_cfg.weight_decay,
+                betas=(opt_cfg.beta_1, opt_cfg.beta_2),
+            )
+            return opt, warmup_cosine(opt, opt_cfg.warmup_steps, xe_steps, opt_cfg.min_lr_ratio)
+        opt = build_optimizer(
+            model,
+            lr=opt_cfg.sc_lr,
+            backbone_lr=opt_cfg.sc_backbone_lr,
+            weight_decay=opt_cfg.weight_decay,
+            betas=(opt_cfg.beta_1, opt_cfg.beta_2),
+        )
+        return opt, constant_lr(opt)
 
     start_epoch, step = 0, 0
     history: list[dict[str, Any]] = []  # every epoch's metrics, carried in each checkpoint
+    train_state: dict[str, Any] | None = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -197,8 +237,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             load_state_dict_strict(_unwrap(model), state, what=f"checkpoint {d}")
             train_state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
             history = json.loads((Path(d) / META_FILE).read_text()).get("history", [])
-        optimizer.load_state_dict(train_state["optimizer"])
-        scheduler.load_state_dict(train_state["scheduler"])
         _set_rng_state(train_state["rng"][min(rank, len(train_state["rng"]) - 1)])
         start_epoch, step = train_state["epoch"] + 1, train_state["step"]
         if rank == 0:
@@ -206,15 +244,36 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     else:
         random.seed(cfg.exp.seed + rank)
         np.random.seed(cfg.exp.seed + rank)
+    phase = phase_of(start_epoch)
+    optimizer, scheduler = make_optimizer(phase)
+    if train_state is not None and train_state.get("phase", "xe") == phase:
+        optimizer.load_state_dict(train_state["optimizer"])
+        scheduler.load_state_dict(train_state["scheduler"])
+    reward = scst_decode = None
 
     caption_rng = random.Random()
     train_iter = ray.train.get_dataset_shard("train")
     k = opt_cfg.captions_per_image
     run_start = time.time()
     for epoch in range(start_epoch, epochs):
+        if phase_of(epoch) != phase:  # XE -> SCST: a fresh optimiser at the SCST learning rate
+            phase = phase_of(epoch)
+            optimizer, scheduler = make_optimizer(phase)
+        if phase == "sc" and reward is None:
+            reward = CiderReward(
+                loop_config["train_references"], vocab, include_eos=opt_cfg.sc_include_eos
+            )
+            scst_decode = make_scst_decoder(
+                opt_cfg.sc_baseline,
+                opt_cfg.sc_num_sequences,
+                cfg.decode.max_len,
+                vocab.bos_idx,
+                vocab.eos_idx,
+                vocab.pad_idx,
+            )
         caption_rng.seed(f"{cfg.exp.seed}/{rank}/{epoch}")
         model.train()
-        t0, loss_sum, n_steps = time.time(), 0.0, 0
+        t0, loss_sum, reward_sum, n_steps = time.time(), 0.0, 0.0, 0
         for batch in train_iter.iter_batches(
             batch_size=opt_cfg.batch_size,
             batch_format="numpy",
@@ -225,12 +284,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if n_steps >= steps_per_epoch or (opt_cfg.max_steps and step >= opt_cfg.max_steps):
                 break
             images = normalize_images(batch["image"], device)
-            tokens = vocab.encode_batch(
-                _pick_captions(batch["captions"], k, caption_rng),
-                max_len=cfg.dataset.max_caption_len,
-            ).to(device)
-            log_probs = model(images, tokens[:, :-1], captions_per_image=k)
-            loss = _xe_loss(log_probs, tokens[:, 1:], vocab.pad_idx, opt_cfg.label_smoothing)
+            if phase == "xe":
+                tokens = vocab.encode_batch(
+                    _pick_captions(batch["captions"], k, caption_rng),
+                    max_len=cfg.dataset.max_caption_len,
+                ).to(device)
+                log_probs = model(images, tokens[:, :-1], captions_per_image=k)
+                loss = _xe_loss(log_probs, tokens[:, 1:], vocab.pad_idx, opt_cfg.label_smoothing)
+            else:
+                loss, mean_reward = _scst_step(
+                    model,
+                    images,
+                    batch["image_id"],
+                    reward,
+                    scst_decode,
+                    opt_cfg.sc_baseline,
+                    vocab.eos_idx,
+                )
+                reward_sum += mean_reward
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if opt_cfg.grad_clip:
@@ -242,20 +313,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             loss_sum += loss.item()
             if rank == 0 and n_steps % 50 == 0:
                 logger.info(
-                    "xe epoch %d/%d step %d/%d loss %.3f lr %.2e elapsed %.0fs",
+                    "%s epoch %d/%d step %d/%d loss %.3f%s lr %.2e elapsed %.0fs",
+                    phase,
                     epoch + 1,
                     epochs,
                     n_steps,
                     steps_per_epoch,
                     loss_sum / n_steps,
+                    f" reward {reward_sum / n_steps:.3f}" if phase == "sc" else "",
                     scheduler.get_last_lr()[-1],
                     time.time() - run_start,
                 )
         train_time = time.time() - t0
-        if world > 1:  # every rank reports the same mean train loss
-            totals = torch.tensor([loss_sum, float(n_steps)], dtype=torch.float64)
+        if world > 1:  # every rank reports the same mean train loss and reward
+            totals = torch.tensor([loss_sum, reward_sum, float(n_steps)], dtype=torch.float64)
             dist.all_reduce(totals)
-            loss_sum, loss_steps = totals.tolist()
+            loss_sum, reward_sum, loss_steps = totals.tolist()
         else:
             loss_steps = n_steps
         val_cider, n_val = _validate(
@@ -272,20 +345,30 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             world,
         )
         metrics = {
-            "phase": "xe",
+            "phase": phase,
             "epoch": epoch,
             "step": step,
             "train_loss": loss_sum / max(1.0, loss_steps),
             "val_CIDEr": val_cider,
             "val_images": n_val,
             "lr": scheduler.get_last_lr()[-1],
+            **(
+                {
+                    "train_reward": reward_sum / max(1.0, loss_steps),
+                    "sc_baseline": opt_cfg.sc_baseline,
+                    "sc_include_eos": opt_cfg.sc_include_eos,
+                }
+                if phase == "sc"
+                else {}
+            ),
             "epoch_train_s": train_time,
             "epoch_s": time.time() - t0,
         }
         history.append(metrics)
         if rank == 0:
             logger.info(
-                "xe epoch %d/%d done: loss %.3f val CIDEr %.3f (%d images) train %.0fs total %.0fs",
+                "%s epoch %d/%d done: loss %.3f val CIDEr %.3f (%d images) train %.0fs total %.0fs",
+                phase,
                 epoch + 1,
                 epochs,
                 metrics["train_loss"],
@@ -312,7 +395,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         "rng": rng_states,
                         "epoch": epoch,
                         "step": step,
-                        "phase": "xe",
+                        "phase": phase,
                     },
                 )
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["build_optimizer", "param_groups", "warmup_cosine"]
+__all__ = ["build_optimizer", "constant_lr", "param_groups", "warmup_cosine"]
 
 
 def param_groups(
@@ -62,3 +62,8 @@ def warmup_cosine(
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def constant_lr(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    """The groups' learning rates, unchanged (SCST, as in the paper)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)

@@ -1,0 +1,220 @@
+"""Vectorised CIDEr-D, equal to the coco-caption toolkit's ``Cider`` (n=4, sigma=6).
+
+The toolkit scores one caption at a time in Python dictionaries, which is what makes research-code
+SCST spend hours per epoch on rewards. Here every caption is an array of word ids, each n-gram is
+packed into one ``uint64`` (16 bits per word), and a batch is scored with sorts, searches and
+bincounts:
+
+* document frequencies (and ``log(number of images)``) come either from a fixed corpus, built once
+  (SCST rewards: the training references), or from the evaluated references (evaluation);
+* each reference's tf-idf vector, norm and length are computed once per image and cached;
+* a candidate's score is the toolkit's: per n-gram order, the clipped dot product
+  ``sum min(h, r) * r`` over ``|h| |r|``, times ``exp(-(len_h - len_r)^2 / (2 sigma^2))``, where the
+  length is the toolkit's (number of bigrams), averaged over orders and references, times 10.
+
+Texts are expected in the toolkit's tokenised form (:func:`hericap.evaluation.ptb.ptb_tokenize`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["CiderD", "cider_d_scores"]
+
+_BITS = 16
+_MAX_WORDS = (1 << _BITS) - 1  # word ids are 1.._MAX_WORDS; 0 marks "no word"
+
+
+class CiderD:
+    """CIDEr-D over a reference corpus.
+
+    Args:
+        references: ``{image_id: [tokenised reference, ...]}``; document frequencies are computed
+            over these images (one document per image, as in the toolkit).
+        n: maximum n-gram order.
+        sigma: length-penalty width.
+    """
+
+    def __init__(
+        self, references: Mapping[str, Sequence[str]], n: int = 4, sigma: float = 6.0
+    ) -> None:
+        if not references:
+            raise ValueError("CIDEr-D needs at least one image of references")
+        if n * _BITS > 64:
+            raise ValueError(f"n={n} n-grams do not pack into 64 bits")
+        self.n, self.sigma = n, sigma
+        self._words: dict[str, int] = {}
+        self._image_ids = list(references)
+        self._image_index = {k: i for i, k in enumerate(self._image_ids)}
+        ref_ids = []
+        for image_id, refs in references.items():
+            if not refs:
+                raise ValueError(f"image {image_id!r} has no references")
+            ref_ids.append([self.word_ids(r) for r in refs])
+        self._ref_ids = ref_ids
+        # document frequency: the number of images whose references contain the n-gram
+        counts = np.asarray([len(r) for r in ref_ids])
+        ref_image = np.repeat(np.arange(len(ref_ids)), counts)
+        rows, keys, _ = self._ngrams(_pad([r for refs in ref_ids for r in refs]))
+        uniq, dense = np.unique(keys, return_inverse=True)
+        per_image = np.unique(ref_image[rows] * max(len(uniq), 1) + dense)
+        df = np.bincount(per_image % max(len(uniq), 1), minlength=len(uniq))
+        self._df_keys, self._df = uniq, df.astype(np.float64)
+        self.ref_len = float(np.log(float(len(ref_ids))))
+        self._cache: dict[int, tuple[np.ndarray, ...]] = {}
+
+    # --- words and n-grams ----------------------------------------------------------------------
+
+    def word_ids(self, text: str) -> np.ndarray:
+        """Word ids of a tokenised text; unseen words get fresh ids (they match nothing)."""
+        ids = []
+        for w in text.split():
+            i = self._words.get(w)
+            if i is None:
+                i = self._words[w] = len(self._words) + 1
+                if i > _MAX_WORDS:
+                    raise ValueError(f"more than {_MAX_WORDS} distinct words")
+            ids.append(i)
+        return np.asarray(ids, dtype=np.uint64)
+
+    def vocab_table(self, words: Sequence[str]) -> np.ndarray:
+        """Word ids for a model vocabulary (index -> word), to score token ids directly."""
+        return np.concatenate([self.word_ids(w) if w.strip() else [0] for w in words]).astype(
+            np.uint64
+        )
+
+    def _ngrams(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every n-gram of a batch ``[B, T]`` of word ids (0-padded on the right), vectorised:
+        row, packed key and order (0-based) of each occurrence."""
+        t = tokens.shape[1]
+        lengths = (tokens != 0).sum(axis=1)
+        rows, keys, orders = [], [], []
+        key = tokens.astype(np.uint64)
+        for k in range(min(self.n, t)):
+            if k:
+                key = (key[:, :-1] << np.uint64(_BITS)) | tokens[:, k:].astype(np.uint64)
+            valid = np.arange(t - k)[None, :] + k < lengths[:, None]
+            r, _ = np.nonzero(valid)
+            rows.append(r)
+            keys.append(key[valid])
+            orders.append(np.full(len(r), k, dtype=np.int64))
+        return np.concatenate(rows), np.concatenate(keys), np.concatenate(orders)
+
+    def _vectors(self, tokens: np.ndarray) -> tuple[np.ndarray, ...]:
+        """tf-idf vectors of a batch ``[B, T]``: flat ``(row, key, order, weight)`` entries
+        sorted by row, norms ``[B, n]`` and the toolkit's lengths ``[B]`` (bigram counts)."""
+        b = tokens.shape[0]
+        rows, keys, orders = self._ngrams(tokens)
+        uniq, dense = np.unique(keys, return_inverse=True)
+        _, first, tf = np.unique(
+            rows * max(len(uniq), 1) + dense, return_index=True, return_counts=True
+        )
+        rows, keys, orders = rows[first], keys[first], orders[first]
+        pos = np.minimum(np.searchsorted(self._df_keys, keys), len(self._df_keys) - 1)
+        df = np.where(self._df_keys[pos] == keys, self._df[pos], 0.0)
+        weights = tf * (self.ref_len - np.log(np.maximum(1.0, df)))
+        norms = np.sqrt(
+            np.bincount(rows * self.n + orders, weights=weights * weights, minlength=b * self.n)
+        ).reshape(b, self.n)
+        bigrams = np.maximum((tokens != 0).sum(axis=1) - 1, 0).astype(np.float64)
+        return rows, keys, orders, weights, norms, bigrams
+
+    def _ref_vectors(self, image_ids: Sequence[str]) -> list[tuple[np.ndarray, ...]]:
+        """Cached reference vectors of each image: keys, orders, weights, ref index (per entry),
+        norms ``[R, n]``, lengths ``[R]``; missing ones are computed in one batch."""
+        try:
+            index = [self._image_index[i] for i in image_ids]
+        except KeyError as e:
+            raise KeyError(f"image {e.args[0]!r} is not in the reference corpus") from None
+        missing = sorted({i for i in index if i not in self._cache})
+        if missing:
+            refs = [r for i in missing for r in self._ref_ids[i]]
+            rows, keys, orders, weights, norms, lengths = self._vectors(_pad(refs))
+            bounds = np.searchsorted(rows, np.arange(len(refs) + 1))
+            start = 0
+            for i in missing:
+                count = len(self._ref_ids[i])
+                lo, hi = bounds[start], bounds[start + count]
+                self._cache[i] = (
+                    keys[lo:hi],
+                    orders[lo:hi],
+                    weights[lo:hi],
+                    rows[lo:hi] - start,
+                    norms[start : start + count],
+                    lengths[start : start + count],
+                )
+                start += count
+        return [self._cache[i] for i in index]
+
+    # --- scoring --------------------------------------------------------------------------------
+
+    def score_tokens(self, image_ids: Sequence[str], tokens: np.ndarray) -> np.ndarray:
+        """CIDEr-D of each row of ``tokens`` (``[B, T]`` word ids from :meth:`word_ids` or
+        :meth:`vocab_table`, 0-padded on the right) against its image's references;
+        ``image_ids`` may repeat (several candidates per image)."""
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2 or len(image_ids) != len(tokens):
+            raise ValueError("tokens must be [B, T] with one image id per row")
+        b, n = len(tokens), self.n
+        h_row, h_key, _, h_w, h_norm, h_len = self._vectors(tokens)
+        refs = self._ref_vectors(image_ids)
+        n_refs = np.asarray([len(r[5]) for r in refs])
+        ref_offset = np.concatenate([[0], np.cumsum(n_refs)])
+        sizes = np.asarray([len(r[0]) for r in refs])
+        r_row = np.repeat(np.arange(b), sizes)
+        r_key = np.concatenate([r[0] for r in refs])
+        r_ord = np.concatenate([r[1] for r in refs])
+        r_w = np.concatenate([r[2] for r in refs])
+        r_pair = np.repeat(ref_offset[:-1], sizes) + np.concatenate([r[3] for r in refs])
+        # match each reference n-gram to the same candidate's n-gram: dense n-gram ids make
+        # (candidate, n-gram) one sortable int64
+        _, dense = np.unique(np.concatenate([h_key, r_key]), return_inverse=True)
+        width = int(dense.max()) + 1 if len(dense) else 1
+        h_comb = h_row * width + dense[: len(h_key)]
+        r_comb = r_row * width + dense[len(h_key) :]
+        order = np.argsort(h_comb)
+        h_comb, h_w = h_comb[order], h_w[order]
+        if len(h_comb):
+            pos = np.minimum(np.searchsorted(h_comb, r_comb), len(h_comb) - 1)
+            matched, h_match = h_comb[pos] == r_comb, h_w[pos]
+        else:
+            matched, h_match = np.zeros(len(r_comb), bool), np.zeros(len(r_comb))
+        contrib = np.where(matched, np.minimum(h_match, r_w) * r_w, 0.0)
+        dots = np.bincount(r_pair * n + r_ord, weights=contrib, minlength=ref_offset[-1] * n)
+        dots = dots.reshape(-1, n)
+        pair_cand = np.repeat(np.arange(b), n_refs)
+        r_norm = np.concatenate([r[4] for r in refs])
+        r_len = np.concatenate([r[5] for r in refs])
+        denom = h_norm[pair_cand] * r_norm
+        val = np.where(denom != 0, dots / np.where(denom != 0, denom, 1.0), dots)
+        val *= np.exp(-((h_len[pair_cand] - r_len) ** 2) / (2 * self.sigma**2))[:, None]
+        per_pair = val.mean(axis=1)
+        return np.bincount(pair_cand, weights=per_pair, minlength=b) / n_refs * 10.0
+
+    def score(self, image_ids: Sequence[str], candidates: Sequence[str]) -> np.ndarray:
+        """CIDEr-D of tokenised candidate texts (see :meth:`score_ids`)."""
+        return self.score_tokens(image_ids, _pad([self.word_ids(c) for c in candidates]))
+
+
+def _pad(sequences: Sequence[np.ndarray]) -> np.ndarray:
+    """Word-id arrays -> one ``[B, T]`` matrix, 0-padded on the right."""
+    width = max((len(s) for s in sequences), default=0)
+    out = np.zeros((len(sequences), max(width, 1)), dtype=np.uint64)
+    for i, s in enumerate(sequences):
+        out[i, : len(s)] = s
+    return out
+
+
+def cider_d_scores(
+    references: Mapping[str, Sequence[str]], candidates: Mapping[str, str]
+) -> tuple[float, dict[str, float]]:
+    """The toolkit's ``Cider().compute_score`` on tokenised text: document frequencies from
+    ``references``; returns the corpus score and each image's score."""
+    if set(references) != set(candidates):
+        raise ValueError("references and candidates must cover the same image ids")
+    scorer = CiderD(references)
+    ids = list(candidates)
+    scores = scorer.score(ids, [candidates[i] for i in ids])
+    return float(scores.mean()), dict(zip(ids, scores.tolist(), strict=True))

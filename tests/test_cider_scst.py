@@ -1,0 +1,207 @@
+"""Fast CIDEr-D equals the toolkit's; the Python PTB tokeniser equals the Java one; SCST pieces."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from hericap.data.text import Vocabulary
+from hericap.evaluation.cider import CiderD, cider_d_scores
+from hericap.evaluation.ptb import ptb_tokenize
+from hericap.training.scst import CiderReward, advantages, scst_loss
+
+REFS = {
+    "a": ["a man riding a wave on a surfboard", "a surfer rides a large wave", "man surfing"],
+    "b": ["two dogs play in the grass", "two brown dogs running on a lawn"],
+    "c": ["a plate of food with broccoli and rice", "rice and broccoli on a plate"],
+}
+CANDS = {"a": "a man riding a wave", "b": "dogs dogs dogs in the grass", "c": "zebra zebra"}
+
+
+def _toolkit_cider(refs, cands):
+    from pycocoevalcap.cider.cider import Cider
+
+    return Cider().compute_score(refs, {k: [v] for k, v in cands.items()})
+
+
+class _CorpusSized(list):
+    """A list whose len() is the corpus size: the toolkit's compute_cider sets
+    ``ref_len = log(len(self.crefs))`` and iterates the list, so this gives its scores with the
+    corpus' ``ref_len`` without touching its code."""
+
+    def __init__(self, items, size):
+        super().__init__(items)
+        self.corpus_size = size
+
+    def __len__(self):
+        return self.corpus_size
+
+
+def _toolkit_cider_fixed_df(corpus, refs, cands):
+    """The toolkit's CiderScorer with document frequencies from ``corpus`` (the reward setting
+    of M2/GRIT): df table filled from the corpus, ``ref_len`` = log(corpus size)."""
+    from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs
+
+    df_source = CiderScorer(n=4, sigma=6.0)
+    for c in corpus.values():
+        df_source.crefs.append(cook_refs(c))
+    df_source.compute_doc_freq()
+    scorer = CiderScorer(n=4, sigma=6.0)
+    for k in cands:
+        scorer += (cands[k], refs[k])
+    scorer.document_frequency = df_source.document_frequency
+    scorer.crefs = _CorpusSized(scorer.crefs, len(corpus))
+    return np.asarray(scorer.compute_cider())
+
+
+def test_cider_matches_toolkit_with_df_from_evaluated_references():
+    expected_mean, expected = _toolkit_cider(REFS, CANDS)
+    mean, per_image = cider_d_scores(REFS, CANDS)
+    assert mean == pytest.approx(expected_mean, abs=1e-9)
+    for i, k in enumerate(REFS):
+        assert per_image[k] == pytest.approx(expected[i], abs=1e-9)
+    assert per_image["c"] == 0.0  # unseen words score nothing
+    assert per_image["a"] > per_image["b"] > 0
+
+
+def test_cider_matches_toolkit_with_df_from_a_fixed_corpus():
+    corpus = {**REFS, "d": ["a dog on a surfboard", "a wave"], "e": ["grass and rice"]}
+    cider = CiderD(corpus)
+    ids = ["a", "a", "b", "c"]
+    cands = ["a man riding a wave", "a surfer on a wave", "two dogs", ""]
+    ours = cider.score(ids, cands)
+    for i, (k, c) in enumerate(zip(ids, cands, strict=True)):
+        expected = _toolkit_cider_fixed_df(corpus, {k: corpus[k]}, {k: c})[0]
+        assert ours[i] == pytest.approx(expected, abs=1e-9)
+    assert ours[3] == 0.0  # the empty caption
+
+
+def test_cider_refuses_unknown_images_and_empty_references():
+    with pytest.raises(KeyError, match="not in the reference corpus"):
+        CiderD(REFS).score(["zzz"], ["a man"])
+    with pytest.raises(ValueError, match="no references"):
+        CiderD({"a": []})
+
+
+def test_python_ptb_tokeniser_on_hand_made_cases():
+    cases = {
+        "A close-up of a man's hat.": "a close-up of a man 's hat",
+        "It isn't (really) a T.V., is it?": "it is n't -lrb- really -rrb- a t.v. is it",
+        "The clock reads 11:44 and costs $1,000.": "the clock reads 11:44 and costs $ 1,000",
+        '"Two" dogs... on Main St. today': "two dogs on main st. today",
+        "a sign that reads K.": "a sign that reads k",
+        "we cannot go": "we can not go",
+    }
+    for raw, expected in cases.items():
+        assert ptb_tokenize(raw) == expected, raw
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(shutil.which("java") is None, reason="the Java PTB tokeniser needs Java")
+def test_python_ptb_tokeniser_matches_java_on_real_captions(realdata):
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    coco = json.loads((realdata / "coco/captions_val2017.json").read_text())
+    flickr = json.loads((realdata / "flickr8k/dataset_flickr8k.json").read_text())
+    captions = [a["caption"] for a in coco["annotations"]]
+    captions += [s["raw"] for im in flickr["images"] for s in im["sentences"]]
+    assert len(captions) == 25014 + 40000
+    java = PTBTokenizer().tokenize({i: [{"caption": c}] for i, c in enumerate(captions)})
+    mismatches = [c for i, c in enumerate(captions) if ptb_tokenize(c) != java[i][0]]
+    # Raw human text: all but a handful (street-name abbreviations, "5:54pm", "at&t").
+    assert len(mismatches) <= 10, mismatches[:10]
+    # The text HeriCap produces (vocabulary words joined by spaces) is a fixed point of both.
+    produced = [java[i][0] for i in range(0, len(captions), 7)]
+    again = PTBTokenizer().tokenize({i: [{"caption": c}] for i, c in enumerate(produced)})
+    for i, text in enumerate(produced):
+        assert ptb_tokenize(text) == text == again[i][0]
+
+
+@pytest.mark.realdata
+def test_cider_matches_toolkit_on_real_captions(realdata):
+    gt = json.loads((realdata / "coco-caption/captions_val2014_fakecap_subset_gt.json").read_text())
+    res = json.loads(
+        (realdata / "coco-caption/captions_val2014_fakecap_subset_results.json").read_text()
+    )
+    refs: dict[str, list[str]] = {}
+    for a in gt["annotations"]:
+        refs.setdefault(str(a["image_id"]), []).append(ptb_tokenize(a["caption"]))
+    cands = {str(r["image_id"]): ptb_tokenize(r["caption"]) for r in res}
+    expected_mean, expected = _toolkit_cider(refs, cands)
+    mean, per_image = cider_d_scores(refs, cands)
+    assert mean == pytest.approx(expected_mean, abs=1e-9)
+    assert max(abs(per_image[k] - e) for k, e in zip(refs, expected, strict=True)) <= 1e-9
+    # reward setting: df from the Flickr8k training references, candidates of other images
+    flickr = json.loads((realdata / "flickr8k/dataset_flickr8k.json").read_text())
+    corpus = {
+        str(im["imgid"]): [ptb_tokenize(s["raw"]) for s in im["sentences"]]
+        for im in flickr["images"]
+        if im["split"] == "train"
+    }
+    rng = random.Random(0)
+    ids = rng.sample(sorted(corpus), 50)
+    cands_fixed = [corpus[rng.choice(sorted(corpus))][0] for _ in ids]
+    ours = CiderD(corpus).score(ids, cands_fixed)
+    for i, k in enumerate(ids[:10]):  # the toolkit is slow here: check the first ten
+        expected_i = _toolkit_cider_fixed_df(corpus, {k: corpus[k]}, {k: cands_fixed[i]})[0]
+        assert ours[i] == pytest.approx(expected_i, abs=1e-9)
+
+
+def _vocab():
+    return Vocabulary.build([c for v in REFS.values() for c in v], min_count=1)
+
+
+def test_reward_scores_token_ids_like_text_and_counts_eos():
+    vocab = _vocab()
+    with_eos = CiderReward(REFS, vocab, include_eos=True)
+    without = CiderReward(REFS, vocab, include_eos=False)
+    words = ["a", "man", "riding", "a", "wave"]
+    ids = [vocab.stoi[w] for w in words]
+    full = torch.tensor([[*ids, vocab.eos_idx, vocab.pad_idx]])
+    # trailing tokens after <eos> must be ignored
+    noisy = torch.tensor([[*ids, vocab.eos_idx, vocab.stoi["dogs"]]])
+    assert with_eos(["a"], full)[0] == pytest.approx(with_eos(["a"], noisy)[0], abs=1e-12)
+    text = " ".join(words)
+    assert without(["a"], full)[0] == pytest.approx(without.cider.score(["a"], [text])[0])
+    assert with_eos(["a"], full)[0] == pytest.approx(
+        with_eos.cider.score(["a"], [text + " <eos>"])[0]
+    )
+    # a truncated caption ("a man riding a") loses more with <eos> in the reward string
+    cut = torch.tensor([[*ids[:4], vocab.eos_idx, vocab.pad_idx]])
+    drop_with = with_eos(["a"], full)[0] - with_eos(["a"], cut)[0]
+    drop_without = without(["a"], full)[0] - without(["a"], cut)[0]
+    assert drop_with > drop_without
+
+
+def test_advantages_for_each_baseline():
+    rewards = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 3.0]])
+    np.testing.assert_allclose(advantages(rewards, "beam_mean"), [[-1, 0, 1], [-1, -1, 2]])
+    np.testing.assert_allclose(
+        advantages(rewards, "leave_one_out"), [[-1.5, 0, 1.5], [-1.5, -1.5, 3]]
+    )
+    np.testing.assert_allclose(
+        advantages(rewards, "greedy", np.array([2.0, 1.0])), [[-1, 0, 1], [-1, -1, 2]]
+    )
+    with pytest.raises(ValueError, match="greedy captions"):
+        advantages(rewards, "greedy")
+    with pytest.raises(ValueError, match="unknown SCST baseline"):
+        advantages(rewards, "mean")
+
+
+def test_scst_loss_is_length_normalised_and_masks_after_eos():
+    eos, pad = 3, 1
+    tokens = torch.tensor([[5, 6, eos, pad], [5, eos, pad, pad]])
+    logp = torch.full((2, 4), -1.0, requires_grad=True)
+    loss = scst_loss(logp, tokens, eos, torch.tensor([1.0, -1.0]))
+    loss.backward()
+    # mean token log-prob is -1 for both rows: loss = -(1 * -1 + -1 * -1) / 2 = 0
+    assert loss.item() == pytest.approx(0.0)
+    grad = logp.grad
+    assert torch.all(grad[0, 3] == 0) and torch.all(grad[1, 2:] == 0)  # padding gets nothing
+    assert grad[0, 0].item() == pytest.approx(-1 / 3 / 2)  # positive advantage: push up
+    assert grad[1, 0].item() == pytest.approx(1 / 2 / 2)
