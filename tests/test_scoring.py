@@ -128,3 +128,40 @@ def test_real_coco_caption_example_matches_toolkit(realdata, scorer):
     theirs = _toolkit_scores(refs, cands)
     for key, value in theirs.items():
         assert ours[key] == pytest.approx(value, abs=1e-12), key
+
+
+@pytest.mark.realdata
+def test_score_command_equals_toolkit_on_real_results_file(realdata, capsys):
+    from hericap.cli import main
+
+    gt = realdata / "coco-caption/captions_val2014_fakecap_subset_gt.json"
+    res = realdata / "coco-caption/captions_val2014_fakecap_subset_results.json"
+    assert main(["score", "--results", str(res), "--annotations", str(gt), "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    ours = json.loads(out[-1])
+    refs: dict[str, list[str]] = {}
+    for a in json.loads(gt.read_text())["annotations"]:
+        refs.setdefault(str(a["image_id"]), []).append(a["caption"])
+    cands = {str(r["image_id"]): r["caption"] for r in json.loads(res.read_text())}
+    theirs = _toolkit_scores(refs, cands)
+    for key, value in theirs.items():
+        assert ours[key] == pytest.approx(value, abs=1e-12), key
+    assert set(ours) >= {"Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE"}
+
+
+def test_score_command_rejects_bad_files_with_reasons(tmp_path, capsys):
+    from hericap.cli import main
+
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps({"annotations": [{"image_id": 1, "caption": "a dog"}]}))
+    res = tmp_path / "res.json"
+    res.write_text(json.dumps([{"image_id": 2, "caption": "a cat"}]))
+    assert main(["score", "--results", str(res), "--annotations", str(ann)]) == 2
+    res.write_text("{not json")
+    assert main(["score", "--results", str(res), "--annotations", str(ann)]) == 2
+    res.write_text(json.dumps([{"image_id": 1, "caption": "a"}, {"image_id": 1, "caption": "b"}]))
+    assert main(["score", "--results", str(res), "--annotations", str(ann)]) == 2
+    assert main(["score", "--results", str(tmp_path / "nope.json"), "--annotations", str(ann)]) == 2
+    err = capsys.readouterr().err
+    assert "no annotations" in err and "not valid JSON" in err
+    assert "more than one result" in err and "not found" in err

@@ -107,9 +107,45 @@ def test_asking_for_missing_gpus_is_a_clear_error(ray_cluster, tiny_shards, tmp_
         train(cfg)
 
 
-def test_scst_epochs_are_refused_not_ignored(ray_cluster, tmp_path):
+def test_frozen_phases_are_refused_not_ignored(ray_cluster, tmp_path):
     from hericap.training.driver import train
 
-    cfg = load_config([*TINY, "optimizer.finetune_sc_epochs=1", f"exp.output_dir={tmp_path}"])
-    with pytest.raises(ValueError, match="SCST"):
-        train(cfg)
+    for key in ("freezing_xe_epochs", "freezing_sc_epochs"):
+        cfg = load_config([*TINY, f"optimizer.{key}=1", f"exp.output_dir={tmp_path}"])
+        with pytest.raises(ValueError, match=f"optimizer.{key}=1: frozen phases"):
+            train(cfg)
+
+
+def test_xe_then_scst_run_records_the_reward_setting(ray_cluster, tiny_shards, tmp_path):
+    from hericap.training.driver import train
+
+    cfg = load_config(
+        [
+            *TINY,
+            "exp.name=ray_scst",
+            f"exp.output_dir={tmp_path}",
+            f"dataset.shard_dir={tiny_shards.root}",
+            "dataset.synthetic_train=256",
+            "dataset.synthetic_val=32",
+            "dataset.synthetic_test=32",
+            "dataset.synthetic_seed=7",
+            "dataset.overfit=True",
+            "dataset.overfit_size=32",
+            "optimizer.finetune_xe_epochs=1",
+            "optimizer.finetune_sc_epochs=1",
+            "optimizer.sc_baseline=leave_one_out",
+            "optimizer.sc_num_sequences=3",
+            "optimizer.sc_lr=1e-4",
+            "optimizer.sc_backbone_lr=1e-4",
+        ]
+    )
+    outcome = train(cfg)
+    # 32 images / (2 workers x 8) = 2 steps per epoch: one XE epoch, then one SCST epoch
+    assert [h["phase"] for h in outcome.history] == ["xe", "sc"]
+    sc = outcome.history[1]
+    assert sc["step"] == 4 and sc["sc_baseline"] == "leave_one_out" and sc["sc_include_eos"]
+    assert sc["train_reward"] >= 0.0 and sc["lr"] == pytest.approx(1e-4)
+    latest = json.loads((outcome.latest_checkpoint / "meta.json").read_text())
+    assert latest["phase"] == "sc"
+    state = load_checkpoint(outcome.latest_checkpoint).training_state()
+    assert state["phase"] == "sc" and state["epoch"] == 1

@@ -69,8 +69,13 @@ class CiderD:
 
     def word_ids(self, text: str) -> np.ndarray:
         """Word ids of a tokenised text; unseen words get fresh ids (they match nothing)."""
+        words = text.split()
+        get = self._words.get
+        ids = [get(w) for w in words]
+        if None not in ids:
+            return np.asarray(ids, dtype=np.uint64)
         ids = []
-        for w in text.split():
+        for w in words:
             i = self._words.get(w)
             if i is None:
                 i = self._words[w] = len(self._words) + 1
@@ -103,8 +108,9 @@ class CiderD:
         return np.concatenate(rows), np.concatenate(keys), np.concatenate(orders)
 
     def _vectors(self, tokens: np.ndarray) -> tuple[np.ndarray, ...]:
-        """tf-idf vectors of a batch ``[B, T]``: flat ``(row, key, order, weight)`` entries
-        sorted by row, norms ``[B, n]`` and the toolkit's lengths ``[B]`` (bigram counts)."""
+        """tf-idf vectors of a batch ``[B, T]``: flat ``(row, n-gram index, order, weight)``
+        entries sorted by row, norms ``[B, n]`` and the toolkit's lengths ``[B]`` (bigram counts).
+        The n-gram index points into the corpus n-grams (-1 for n-grams outside it)."""
         b = tokens.shape[0]
         rows, keys, orders = self._ngrams(tokens)
         uniq, dense = np.unique(keys, return_inverse=True)
@@ -112,17 +118,22 @@ class CiderD:
             rows * max(len(uniq), 1) + dense, return_index=True, return_counts=True
         )
         rows, keys, orders = rows[first], keys[first], orders[first]
-        pos = np.minimum(np.searchsorted(self._df_keys, keys), len(self._df_keys) - 1)
-        df = np.where(self._df_keys[pos] == keys, self._df[pos], 0.0)
+        # look the sorted distinct n-grams up in the corpus (sorted needles search fastest)
+        pos_u = np.minimum(np.searchsorted(self._df_keys, uniq), len(self._df_keys) - 1)
+        pos = pos_u[dense[first]]
+        known = self._df_keys[pos] == keys
+        df = np.where(known, self._df[pos], 0.0)
         weights = tf * (self.ref_len - np.log(np.maximum(1.0, df)))
         norms = np.sqrt(
             np.bincount(rows * self.n + orders, weights=weights * weights, minlength=b * self.n)
         ).reshape(b, self.n)
         bigrams = np.maximum((tokens != 0).sum(axis=1) - 1, 0).astype(np.float64)
-        return rows, keys, orders, weights, norms, bigrams
+        # corpus n-gram index (-1: in no reference, so it can match nothing)
+        index = np.where(known, pos, -1)
+        return rows, index, orders, weights, norms, bigrams
 
     def _ref_vectors(self, image_ids: Sequence[str]) -> list[tuple[np.ndarray, ...]]:
-        """Cached reference vectors of each image: keys, orders, weights, ref index (per entry),
+        """Cached reference vectors of each image: n-gram indices, orders, weights, ref index,
         norms ``[R, n]``, lengths ``[R]``; missing ones are computed in one batch."""
         try:
             index = [self._image_index[i] for i in image_ids]
@@ -137,11 +148,12 @@ class CiderD:
             for i in missing:
                 count = len(self._ref_ids[i])
                 lo, hi = bounds[start], bounds[start + count]
+                by_key = lo + np.argsort(keys[lo:hi], kind="stable")  # (n-gram, ref) order
                 self._cache[i] = (
-                    keys[lo:hi],
-                    orders[lo:hi],
-                    weights[lo:hi],
-                    rows[lo:hi] - start,
+                    keys[by_key],
+                    orders[by_key],
+                    weights[by_key],
+                    rows[by_key] - start,
                     norms[start : start + count],
                     lengths[start : start + count],
                 )
@@ -158,44 +170,75 @@ class CiderD:
         if tokens.ndim != 2 or len(image_ids) != len(tokens):
             raise ValueError("tokens must be [B, T] with one image id per row")
         b, n = len(tokens), self.n
-        h_row, h_key, _, h_w, h_norm, h_len = self._vectors(tokens)
-        refs = self._ref_vectors(image_ids)
-        n_refs = np.asarray([len(r[5]) for r in refs])
-        ref_offset = np.concatenate([[0], np.cumsum(n_refs)])
+        h_row, h_key, h_ord, h_w, h_norm, h_len = self._vectors(tokens)
+        # the batch's distinct images, each image's references once
+        # numbered by first appearance, so image-major batches give sorted search needles
+        sorted_ids, first, inverse = np.unique(
+            np.asarray(image_ids, dtype=object), return_index=True, return_inverse=True
+        )
+        appearance = np.argsort(first)
+        images = sorted_ids[appearance]
+        rank = np.empty_like(appearance)
+        rank[appearance] = np.arange(len(appearance))
+        cand_image = rank[inverse.reshape(-1)]
+        refs = self._ref_vectors(list(images))
+        n_refs_image = np.asarray([len(r[5]) for r in refs])
+        first_ref = np.concatenate([[0], np.cumsum(n_refs_image)])[:-1]
         sizes = np.asarray([len(r[0]) for r in refs])
-        r_row = np.repeat(np.arange(b), sizes)
-        r_key = np.concatenate([r[0] for r in refs])
-        r_ord = np.concatenate([r[1] for r in refs])
+        width = len(self._df_keys)
+        # reference entries sorted by (image, n-gram index): one sortable int64
+        r_comb = np.repeat(np.arange(len(refs)), sizes) * width + np.concatenate(
+            [r[0] for r in refs]
+        )
         r_w = np.concatenate([r[2] for r in refs])
-        r_pair = np.repeat(ref_offset[:-1], sizes) + np.concatenate([r[3] for r in refs])
-        # match each reference n-gram to the same candidate's n-gram: dense n-gram ids make
-        # (candidate, n-gram) one sortable int64
-        _, dense = np.unique(np.concatenate([h_key, r_key]), return_inverse=True)
-        width = int(dense.max()) + 1 if len(dense) else 1
-        h_comb = h_row * width + dense[: len(h_key)]
-        r_comb = r_row * width + dense[len(h_key) :]
-        order = np.argsort(h_comb)
-        h_comb, h_w = h_comb[order], h_w[order]
-        if len(h_comb):
-            pos = np.minimum(np.searchsorted(h_comb, r_comb), len(h_comb) - 1)
-            matched, h_match = h_comb[pos] == r_comb, h_w[pos]
-        else:
-            matched, h_match = np.zeros(len(r_comb), bool), np.zeros(len(r_comb))
-        contrib = np.where(matched, np.minimum(h_match, r_w) * r_w, 0.0)
-        dots = np.bincount(r_pair * n + r_ord, weights=contrib, minlength=ref_offset[-1] * n)
-        dots = dots.reshape(-1, n)
-        pair_cand = np.repeat(np.arange(b), n_refs)
+        r_ref = np.concatenate([r[3] for r in refs])
         r_norm = np.concatenate([r[4] for r in refs])
         r_len = np.concatenate([r[5] for r in refs])
-        denom = h_norm[pair_cand] * r_norm
+        # each candidate n-gram finds the equal n-grams of its image's references
+        keep = h_key >= 0
+        h_row, h_ord, h_w = h_row[keep], h_ord[keep], h_w[keep]
+        h_comb = cand_image[h_row] * width + h_key[keep]
+        lo = np.searchsorted(r_comb, h_comb, side="left")
+        hits = np.searchsorted(r_comb, h_comb, side="right") - lo
+        entry = np.repeat(np.arange(len(h_comb)), hits)
+        ref_entry = lo[entry] + np.arange(len(entry)) - np.repeat(np.cumsum(hits) - hits, hits)
+        # (candidate, reference) pairs, candidate-major
+        n_refs = n_refs_image[cand_image]
+        pair_offset = np.concatenate([[0], np.cumsum(n_refs)])
+        pair = pair_offset[h_row[entry]] + r_ref[ref_entry]
+        contrib = np.minimum(h_w[entry], r_w[ref_entry]) * r_w[ref_entry]
+        dots = np.bincount(
+            pair * n + h_ord[entry], weights=contrib, minlength=pair_offset[-1] * n
+        ).reshape(-1, n)
+        pair_cand = np.repeat(np.arange(b), n_refs)
+        pair_ref = np.repeat(first_ref[cand_image], n_refs) + (
+            np.arange(pair_offset[-1]) - np.repeat(pair_offset[:-1], n_refs)
+        )
+        denom = h_norm[pair_cand] * r_norm[pair_ref]
         val = np.where(denom != 0, dots / np.where(denom != 0, denom, 1.0), dots)
-        val *= np.exp(-((h_len[pair_cand] - r_len) ** 2) / (2 * self.sigma**2))[:, None]
-        per_pair = val.mean(axis=1)
-        return np.bincount(pair_cand, weights=per_pair, minlength=b) / n_refs * 10.0
+        delta = h_len[pair_cand] - r_len[pair_ref]
+        val *= np.exp(-(delta**2) / (2 * self.sigma**2))[:, None]
+        return np.bincount(pair_cand, weights=val.mean(axis=1), minlength=b) / n_refs * 10.0
 
     def score(self, image_ids: Sequence[str], candidates: Sequence[str]) -> np.ndarray:
         """CIDEr-D of tokenised candidate texts (see :meth:`score_ids`)."""
-        return self.score_tokens(image_ids, _pad([self.word_ids(c) for c in candidates]))
+        return self.score_tokens(image_ids, self.encode(candidates))
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Tokenised texts -> ``[B, T]`` word ids, 0-padded (one dictionary pass for all)."""
+        split = [t.split() for t in texts]
+        lengths = np.fromiter((len(w) for w in split), dtype=np.int64, count=len(split))
+        get = self._words.get
+        flat = [get(w) for words in split for w in words]
+        if None in flat:  # unseen words: give them fresh ids first
+            for words in split:
+                self.word_ids(" ".join(words))
+            flat = [get(w) for words in split for w in words]
+        out = np.zeros((len(texts), max(int(lengths.max(initial=0)), 1)), dtype=np.uint64)
+        rows = np.repeat(np.arange(len(texts)), lengths)
+        cols = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        out[rows, cols] = np.asarray(flat, dtype=np.uint64)
+        return out
 
 
 def _pad(sequences: Sequence[np.ndarray]) -> np.ndarray:

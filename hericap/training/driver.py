@@ -51,6 +51,7 @@ class TrainOutcome:
     best_metrics: dict[str, Any]
     history: list[dict[str, Any]]
     wall_s: float
+    latest_checkpoint: Path  # the last epoch's checkpoint (in the Ray storage folder)
 
 
 def shard_dir(cfg: Config) -> Path:
@@ -148,7 +149,9 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        # SCST epochs add columns (reward, baseline): the header is every key, in first-seen order
+        fields = list(dict.fromkeys(k for row in rows for k in row))
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
 
@@ -275,4 +278,6 @@ def train(cfg: Config) -> TrainOutcome:
         best_metrics[VAL_METRIC],
         best_dir,
     )
-    return TrainOutcome(run_dir, best_dir, best_metrics, history, time.time() - t_start)
+    return TrainOutcome(
+        run_dir, best_dir, best_metrics, history, time.time() - t_start, Path(latest.path)
+    )

@@ -1,0 +1,119 @@
+"""CIDEr-D reward speed: HeriCap's vectorised CiderD vs pycocoevalcap's Cider on one batch.
+
+The SCST setting: document frequencies from a fixed training corpus (built once, not timed for
+either side), then a batch of candidates (several per image) scored against their references.
+Real captions from ``$HERICAP_REALDATA`` (Flickr8k Karpathy train split) when available, else the
+synthetic dataset. Prints one JSON object on its last line.
+
+    python benchmarks/bench_cider.py [--images 50] [--per-image 5] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs
+
+from hericap.evaluation.cider import CiderD
+from hericap.evaluation.ptb import ptb_tokenize
+
+
+def load_corpus() -> tuple[str, dict[str, list[str]]]:
+    root = os.environ.get("HERICAP_REALDATA")
+    path = Path(root or "") / "flickr8k/dataset_flickr8k.json"
+    if root and path.is_file():
+        data = json.loads(path.read_text())
+        return "flickr8k-train", {
+            str(im["imgid"]): [ptb_tokenize(s["raw"]) for s in im["sentences"]]
+            for im in data["images"]
+            if im["split"] == "train"
+        }
+    from hericap.data.synthetic import iter_split
+
+    return "synthetic-train", {
+        s.image_id: [ptb_tokenize(c) for c in s.captions] for s in iter_split(0, "train", 2000)
+    }
+
+
+class _CorpusSized(list):
+    """len() = corpus size, so the toolkit's compute_cider uses log(corpus size) as ref_len."""
+
+    def __init__(self, items, size):
+        super().__init__(items)
+        self.corpus_size = size
+
+    def __len__(self):
+        return self.corpus_size
+
+
+def toolkit_batch(df, corpus_size, refs, ids, cands) -> np.ndarray:
+    """The toolkit's CiderScorer on one batch with a precomputed document-frequency table."""
+    scorer = CiderScorer(n=4, sigma=6.0)
+    for i, c in zip(ids, cands, strict=True):
+        scorer += (c, refs[i])
+    scorer.document_frequency = df
+    scorer.crefs = _CorpusSized(scorer.crefs, corpus_size)
+    return np.asarray(scorer.compute_cider())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=50)
+    ap.add_argument("--per-image", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    source, corpus = load_corpus()
+    rng = random.Random(0)
+    keys = sorted(corpus)
+    ids = [k for k in rng.sample(keys, args.images) for _ in range(args.per_image)]
+    # candidates: references of random other images (realistic lengths and overlap)
+    cands = [rng.choice(corpus[rng.choice(keys)]) for _ in ids]
+
+    df_source = CiderScorer(n=4, sigma=6.0)
+    for refs in corpus.values():
+        df_source.crefs.append(cook_refs(refs))
+    df_source.compute_doc_freq()
+    ours_scorer = CiderD(corpus)
+    ours_scorer.score(ids[:1], cands[:1])  # warm the reference cache path once
+
+    def timed(fn):
+        best, out = float("inf"), None
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            out = fn()
+            best = min(best, time.perf_counter() - t)
+        return best, out
+
+    toolkit_s, theirs = timed(
+        lambda: toolkit_batch(df_source.document_frequency, len(corpus), corpus, ids, cands)
+    )
+    # reference vectors are cached per image after first use (as over an SCST epoch); the
+    # cold-cache figure includes computing them for this batch
+    ours_s, ours = timed(lambda: ours_scorer.score(ids, cands))
+    fresh = CiderD(corpus)
+    t = time.perf_counter()
+    fresh.score(ids, cands)
+    ours_cold_s = time.perf_counter() - t
+    result = {
+        "bench": "cider",
+        "source": source,
+        "corpus_images": len(corpus),
+        "candidates": len(ids),
+        "toolkit_s": toolkit_s,
+        "hericap_s": ours_s,
+        "hericap_cold_cache_s": ours_cold_s,
+        "speedup": toolkit_s / ours_s,
+        "speedup_cold_cache": toolkit_s / ours_cold_s,
+        "max_abs_diff": float(np.max(np.abs(ours - theirs))),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
