@@ -53,7 +53,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_and_test(cfg, skip_test: bool = False) -> dict | None:
+def _train_and_test(cfg, skip_test: bool = False, compare_xe: bool = False) -> dict | None:
+    """Train, then score the best checkpoint on the test split. With ``compare_xe`` and SCST
+    epochs, the best XE checkpoint is scored too (under ``report["xe"]``)."""
     from hericap.training.driver import train
     from hericap.training.evaluate import evaluate_checkpoint
     from hericap.training.ray_utils import ray_session
@@ -61,14 +63,23 @@ def _train_and_test(cfg, skip_test: bool = False) -> dict | None:
     with ray_session(cfg.exp.ray_address, cfg.exp.ray_num_cpus):
         outcome = train(cfg)
         logger.info(
-            "training took %.0fs; best val CIDEr %.3f (epoch %d)",
+            "training took %.0fs; best val CIDEr %.3f (epoch %d, %s)",
             outcome.wall_s,
             outcome.best_metrics["val_CIDEr"],
             outcome.best_metrics["epoch"],
+            outcome.best_metrics.get("phase", "xe"),
         )
         if skip_test:
             return None
-        return evaluate_checkpoint(cfg, outcome.best_checkpoint, "test")
+        report = evaluate_checkpoint(cfg, outcome.best_checkpoint, "test")
+        if compare_xe and outcome.best_xe_checkpoint is not None:
+            xe = evaluate_checkpoint(
+                cfg, outcome.best_xe_checkpoint, "test", out_dir=Path(cfg.run_dir) / "xe"
+            )
+            report["xe"] = {
+                k: xe[k] for k in ("metrics", "metrics_4ref", "semantic", "checkpoint", "training")
+            }
+        return report
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -150,11 +161,11 @@ def demo_targets(scores: dict) -> dict:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from hericap.evaluation.report import format_table
+    from hericap.evaluation.report import format_phase_comparison, format_table
 
     t0 = time.time()
     cfg = load_config(args.overrides, preset="demo")
-    report = _train_and_test(cfg)
+    report = _train_and_test(cfg, compare_xe=True)
     scores = {
         "split": report["split"],
         "num_images": report["num_images"],
@@ -165,6 +176,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "oracle_semantic": report["oracle_semantic"],
         "checkpoint": report["checkpoint"],
         "decode": report["decode"],
+        "training": report["training"],
+        "xe": report.get("xe"),
         "spice_status": report["spice_status"],
         "wall_s": time.time() - t0,
     }
@@ -177,6 +190,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"beam {report['decode']['beam_size']}, {time.time() - t0:.0f}s in all"
     )
     print(format_table(report))
+    if report.get("xe"):
+        print(f"\n{format_phase_comparison(report['xe'], report)}")
     print("\ndemo targets (issue 2):")
     for key, t in scores["targets"].items():
         if key != "goals":

@@ -10,7 +10,7 @@ from hericap.data.synthetic import Scene
 from hericap.evaluation.coco_metrics import METRIC_KEYS, CocoScorer
 from hericap.evaluation.semantic import SEMANTIC_KEYS, semantic_scores
 
-__all__ = ["build_report", "format_table"]
+__all__ = ["build_report", "format_phase_comparison", "format_table"]
 
 
 def build_report(
@@ -81,5 +81,28 @@ def format_table(report: Mapping[str, Any]) -> str:
             lines.append(
                 f"{key:<14}{_fmt(report['semantic'].get(key)):>10}"
                 f"{_fmt(report['oracle_semantic'].get(key)):>10}"
+            )
+    return "\n".join(lines)
+
+
+def format_phase_comparison(xe: Mapping[str, Any], final: Mapping[str, Any]) -> str:
+    """Test scores of the best XE checkpoint next to the final (SCST) one."""
+    reward = (final.get("training") or {}).get("reward") or {}
+    head = "SCST" + (
+        f" ({reward.get('baseline')}, <eos> {'in' if reward.get('include_eos') else 'NOT in'}"
+        " reward)"
+        if reward
+        else ""
+    )
+    lines = [f"{'test':<14}{'XE':>10}{head:>40}"]
+    for key in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr"):
+        lines.append(
+            f"{key:<14}{_fmt(xe['metrics'].get(key)):>10}{_fmt(final['metrics'].get(key)):>40}"
+        )
+    for key in ("shape_f1", "colour_f1", "count_acc", "exact_scene"):
+        if xe.get("semantic") and final.get("semantic"):
+            lines.append(
+                f"{key:<14}{_fmt(xe['semantic'].get(key)):>10}"
+                f"{_fmt(final['semantic'].get(key)):>40}"
             )
     return "\n".join(lines)

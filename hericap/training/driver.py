@@ -52,6 +52,7 @@ class TrainOutcome:
     history: list[dict[str, Any]]
     wall_s: float
     latest_checkpoint: Path  # the last epoch's checkpoint (in the Ray storage folder)
+    best_xe_checkpoint: Path | None = None  # runs with SCST: the best XE epoch, for comparison
 
 
 def shard_dir(cfg: Config) -> Path:
@@ -240,7 +241,8 @@ def train(cfg: Config) -> TrainOutcome:
             name="train",
             storage_path=str(storage),
             checkpoint_config=CheckpointConfig(
-                num_to_keep=cfg.optimizer.checkpoint_num_to_keep,
+                # with SCST, keep enough that the best XE checkpoint survives the SCST epochs
+                num_to_keep=max(cfg.optimizer.checkpoint_num_to_keep, sc_epochs + 1),
                 checkpoint_score_attribute=VAL_METRIC,
                 checkpoint_score_order="max",
             ),
@@ -266,6 +268,15 @@ def train(cfg: Config) -> TrainOutcome:
         shutil.rmtree(best_dir)
     shutil.copytree(best.path, best_dir)
     best_metrics = json.loads((best_dir / "meta.json").read_text())
+    best_xe_dir = None
+    if sc_epochs:
+        xe_kept = [(c, m) for c, m in result.best_checkpoints if m.get("phase") == "xe"]
+        if xe_kept:
+            best_xe = max(xe_kept, key=lambda cm: cm[1][VAL_METRIC])[0]
+            best_xe_dir = run_dir / "best_xe"
+            if best_xe_dir.exists():
+                shutil.rmtree(best_xe_dir)
+            shutil.copytree(best_xe.path, best_xe_dir)
     # The latest checkpoint carries every epoch's metrics (Ray's metrics_dataframe holds only
     # the checkpoints it kept).
     latest = result.checkpoint or best
@@ -279,5 +290,11 @@ def train(cfg: Config) -> TrainOutcome:
         best_dir,
     )
     return TrainOutcome(
-        run_dir, best_dir, best_metrics, history, time.time() - t_start, Path(latest.path)
+        run_dir,
+        best_dir,
+        best_metrics,
+        history,
+        time.time() - t_start,
+        Path(latest.path),
+        best_xe_dir,
     )

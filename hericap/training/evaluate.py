@@ -92,10 +92,20 @@ def evaluate_checkpoint(
     )
     with CocoScorer(spice_jars=None) as scorer:
         report = build_report(scorer, references, candidates, scenes)
+    meta_file = checkpoint / "meta.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    training = {"phase": meta.get("phase"), "epoch": meta.get("epoch"), "step": meta.get("step")}
+    if meta.get("phase") == "sc":  # how the SCST reward was computed travels with the scores
+        training["reward"] = {
+            "metric": "CIDEr-D",
+            "baseline": meta.get("sc_baseline"),
+            "include_eos": meta.get("sc_include_eos"),
+        }
     report.update(
         {
             "split": split,
             "checkpoint": str(checkpoint),
+            "training": training,
             "decode": {
                 "beam_size": cfg.decode.test_beam_size,
                 "max_len": cfg.decode.max_len,
