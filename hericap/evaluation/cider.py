@@ -149,6 +149,9 @@ class CiderD:
                 count = len(self._ref_ids[i])
                 lo, hi = bounds[start], bounds[start + count]
                 by_key = lo + np.argsort(keys[lo:hi], kind="stable")  # (n-gram, ref) order
+                ukeys, ustart, ucount = np.unique(
+                    keys[by_key], return_index=True, return_counts=True
+                )
                 self._cache[i] = (
                     keys[by_key],
                     orders[by_key],
@@ -156,6 +159,9 @@ class CiderD:
                     rows[by_key] - start,
                     norms[start : start + count],
                     lengths[start : start + count],
+                    ukeys,  # distinct n-grams of the image's references
+                    ustart,  # where each starts among the entries
+                    ucount,  # in how many of the references it occurs
                 )
                 start += count
         return [self._cache[i] for i in index]
@@ -171,35 +177,40 @@ class CiderD:
             raise ValueError("tokens must be [B, T] with one image id per row")
         b, n = len(tokens), self.n
         h_row, h_key, h_ord, h_w, h_norm, h_len = self._vectors(tokens)
-        # the batch's distinct images, each image's references once
-        # numbered by first appearance, so image-major batches give sorted search needles
-        sorted_ids, first, inverse = np.unique(
-            np.asarray(image_ids, dtype=object), return_index=True, return_inverse=True
+        # the batch's distinct images in order of first appearance (image-major batches then
+        # give sorted search needles), each image's references once
+        numbering: dict[str, int] = {}
+        cand_image = np.fromiter(
+            (numbering.setdefault(i, len(numbering)) for i in image_ids), np.int64, count=b
         )
-        appearance = np.argsort(first)
-        images = sorted_ids[appearance]
-        rank = np.empty_like(appearance)
-        rank[appearance] = np.arange(len(appearance))
-        cand_image = rank[inverse.reshape(-1)]
-        refs = self._ref_vectors(list(images))
+        refs = self._ref_vectors(list(numbering))
         n_refs_image = np.asarray([len(r[5]) for r in refs])
         first_ref = np.concatenate([[0], np.cumsum(n_refs_image)])[:-1]
         sizes = np.asarray([len(r[0]) for r in refs])
+        entry_offset = np.concatenate([[0], np.cumsum(sizes)])[:-1]
         width = len(self._df_keys)
-        # reference entries sorted by (image, n-gram index): one sortable int64
-        r_comb = np.repeat(np.arange(len(refs)), sizes) * width + np.concatenate(
-            [r[0] for r in refs]
-        )
         r_w = np.concatenate([r[2] for r in refs])
         r_ref = np.concatenate([r[3] for r in refs])
         r_norm = np.concatenate([r[4] for r in refs])
         r_len = np.concatenate([r[5] for r in refs])
+        # each image's distinct reference n-grams, as sorted (image, n-gram index) int64s
+        n_unique = np.asarray([len(r[6]) for r in refs])
+        u_comb = np.repeat(np.arange(len(refs)), n_unique) * width + np.concatenate(
+            [r[6] for r in refs]
+        )
+        u_start = np.repeat(entry_offset, n_unique) + np.concatenate([r[7] for r in refs])
+        u_count = np.concatenate([r[8] for r in refs])
         # each candidate n-gram finds the equal n-grams of its image's references
         keep = h_key >= 0
         h_row, h_ord, h_w = h_row[keep], h_ord[keep], h_w[keep]
         h_comb = cand_image[h_row] * width + h_key[keep]
-        lo = np.searchsorted(r_comb, h_comb, side="left")
-        hits = np.searchsorted(r_comb, h_comb, side="right") - lo
+        if len(u_comb):
+            pos = np.minimum(np.searchsorted(u_comb, h_comb), len(u_comb) - 1)
+            found = u_comb[pos] == h_comb
+        else:
+            pos, found = np.zeros(len(h_comb), np.int64), np.zeros(len(h_comb), bool)
+        lo = u_start[pos] if len(u_comb) else pos
+        hits = np.where(found, u_count[pos] if len(u_comb) else 0, 0)
         entry = np.repeat(np.arange(len(h_comb)), hits)
         ref_entry = lo[entry] + np.arange(len(entry)) - np.repeat(np.cumsum(hits) - hits, hits)
         # (candidate, reference) pairs, candidate-major
