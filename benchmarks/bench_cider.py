@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs
 
+from hericap.data.ptb import ptb_tokenize
 from hericap.evaluation.cider import CiderD
-from hericap.evaluation.ptb import ptb_tokenize
 
 
 def load_corpus() -> tuple[str, dict[str, list[str]]]:

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from hericap.data.ptb import ptb_tokenize
 from hericap.data.text import Vocabulary
 from hericap.evaluation.cider import CiderD, cider_d_scores
-from hericap.evaluation.ptb import ptb_tokenize
 from hericap.training.scst import CiderReward, advantages, scst_loss
 
 REFS = {

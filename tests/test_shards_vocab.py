@@ -155,3 +155,9 @@ def test_cached_synthetic_shards_are_reused_only_when_they_match(tmp_path, monke
         ]
     )
     assert ensure_shards(bigger).counts["train"] == 9
+
+
+def test_tokenize_is_the_toolkits_ptb_tokenisation():
+    # clitics split, hyphenated words kept, punctuation removed: what the metrics compare
+    expected = ["a", "man", "'s", "close-up", "is", "n't", "it"]
+    assert tokenize("A man's close-up, isn't it?") == expected

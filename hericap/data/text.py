@@ -1,7 +1,8 @@
 """Caption tokenisation and the vocabulary.
 
-The tokeniser lowercases and splits on anything that is not a letter, digit or apostrophe, the
-way the coco-caption PTB tokeniser ends up treating caption text once punctuation is removed.
+Captions are tokenised exactly as the coco-caption toolkit scores them (its PTB tokeniser, then
+punctuation removed; :mod:`hericap.data.ptb`), so the words a model learns to emit are the words
+the metrics and the SCST reward compare.
 Special tokens follow the research code's indices: ``<unk>`` 0, ``<pad>`` 1, ``<bos>`` 2,
 ``<eos>`` 3.
 """
@@ -9,22 +10,22 @@ Special tokens follow the research code's indices: ``<unk>`` 0, ``<pad>`` 1, ``<
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 
+from hericap.data.ptb import ptb_tokens
+
 __all__ = ["SPECIAL_TOKENS", "Vocabulary", "tokenize"]
 
 SPECIAL_TOKENS = ("<unk>", "<pad>", "<bos>", "<eos>")
-_SPLIT = re.compile(r"[^a-z0-9']+")
 
 
 def tokenize(caption: str) -> list[str]:
-    """Lowercase word tokens of a caption, punctuation dropped."""
-    return [t for t in _SPLIT.split(caption.lower()) if t]
+    """The toolkit's word tokens of a caption: PTB-tokenised, lowercased, punctuation dropped."""
+    return ptb_tokens(caption)
 
 
 class Vocabulary:

@@ -12,7 +12,7 @@ bincounts:
   ``sum min(h, r) * r`` over ``|h| |r|``, times ``exp(-(len_h - len_r)^2 / (2 sigma^2))``, where the
   length is the toolkit's (number of bigrams), averaged over orders and references, times 10.
 
-Texts are expected in the toolkit's tokenised form (:func:`hericap.evaluation.ptb.ptb_tokenize`).
+Texts are expected in the toolkit's tokenised form (:func:`hericap.data.ptb.ptb_tokenize`).
 """
 
 from __future__ import annotations
@@ -86,9 +86,10 @@ class CiderD:
 
     def vocab_table(self, words: Sequence[str]) -> np.ndarray:
         """Word ids for a model vocabulary (index -> word), to score token ids directly."""
-        return np.concatenate([self.word_ids(w) if w.strip() else [0] for w in words]).astype(
-            np.uint64
-        )
+        bad = [w for w in words if len(w.split()) != 1]
+        if bad:
+            raise ValueError(f"vocabulary entries must be single words: {bad[:5]}")
+        return np.asarray([self.word_ids(w)[0] for w in words], dtype=np.uint64)
 
     def _ngrams(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every n-gram of a batch ``[B, T]`` of word ids (0-padded on the right), vectorised:

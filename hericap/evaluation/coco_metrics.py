@@ -197,10 +197,10 @@ class CocoScorer:
 
 def cider_d(references: Mapping[str, Sequence[str]], candidates: Mapping[str, str]) -> float:
     """The toolkit's CIDEr-D without a JVM, for per-epoch validation: captions are tokenised by
-    :func:`~hericap.evaluation.ptb.ptb_tokenize` and scored by the vectorised
+    :func:`~hericap.data.ptb.ptb_tokenize` and scored by the vectorised
     :class:`~hericap.evaluation.cider.CiderD` (equal to the toolkit's ``Cider``)."""
+    from hericap.data.ptb import ptb_tokenize
     from hericap.evaluation.cider import cider_d_scores
-    from hericap.evaluation.ptb import ptb_tokenize
 
     gts = {k: [ptb_tokenize(c) for c in v] for k, v in references.items()}
     res = {k: ptb_tokenize(v) for k, v in candidates.items()}

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from hericap.config.schema import SCST_BASELINES
+from hericap.data.ptb import ptb_tokenize
 from hericap.data.text import Vocabulary
 from hericap.evaluation.cider import CiderD
-from hericap.evaluation.ptb import ptb_tokenize
 from hericap.models.decoding import beam_search, greedy_decode, sample_decode
 
 __all__ = [
