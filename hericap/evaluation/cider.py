@@ -35,10 +35,17 @@ class CiderD:
             over these images (one document per image, as in the toolkit).
         n: maximum n-gram order.
         sigma: length-penalty width.
+        precompute_max_refs: compute every reference's vector up front (once, like the document
+            frequencies) when the corpus has at most this many references; larger corpora
+            compute each image's on first use and cache it (~30 bytes per n-gram).
     """
 
     def __init__(
-        self, references: Mapping[str, Sequence[str]], n: int = 4, sigma: float = 6.0
+        self,
+        references: Mapping[str, Sequence[str]],
+        n: int = 4,
+        sigma: float = 6.0,
+        precompute_max_refs: int = 200_000,
     ) -> None:
         if not references:
             raise ValueError("CIDEr-D needs at least one image of references")
@@ -64,6 +71,10 @@ class CiderD:
         self._df_keys, self._df = uniq, df.astype(np.float64)
         self.ref_len = float(np.log(float(len(ref_ids))))
         self._cache: dict[int, tuple[np.ndarray, ...]] = {}
+        if int(counts.sum()) <= precompute_max_refs:
+            chunk = 2000
+            for start in range(0, len(self._image_ids), chunk):
+                self._ref_vectors(self._image_ids[start : start + chunk])
 
     # --- words and n-grams ----------------------------------------------------------------------
 
@@ -142,29 +153,42 @@ class CiderD:
             raise KeyError(f"image {e.args[0]!r} is not in the reference corpus") from None
         missing = sorted({i for i in index if i not in self._cache})
         if missing:
+            counts = np.asarray([len(self._ref_ids[i]) for i in missing])
             refs = [r for i in missing for r in self._ref_ids[i]]
             rows, keys, orders, weights, norms, lengths = self._vectors(_pad(refs))
-            bounds = np.searchsorted(rows, np.arange(len(refs) + 1))
-            start = 0
-            for i in missing:
-                count = len(self._ref_ids[i])
-                lo, hi = bounds[start], bounds[start + count]
-                by_key = lo + np.argsort(keys[lo:hi], kind="stable")  # (n-gram, ref) order
-                ukeys, ustart, ucount = np.unique(
-                    keys[by_key], return_index=True, return_counts=True
-                )
+            # all missing images at once: entries sorted by (image, n-gram, reference)
+            first_ref = np.concatenate([[0], np.cumsum(counts)])
+            image = np.repeat(np.arange(len(missing)), counts)[rows]
+            order = np.lexsort((rows, keys, image))
+            rows, keys, orders, weights, image = (
+                rows[order],
+                keys[order],
+                orders[order],
+                weights[order],
+                image[order],
+            )
+            local_ref = rows - first_ref[image]
+            bounds = np.searchsorted(image, np.arange(len(missing) + 1))
+            # distinct (image, n-gram) runs: where each starts and how many references share it
+            new_run = np.ones(len(keys), dtype=bool)
+            new_run[1:] = (keys[1:] != keys[:-1]) | (image[1:] != image[:-1])
+            run_start = np.flatnonzero(new_run)
+            run_count = np.diff(np.append(run_start, len(keys)))
+            run_bounds = np.searchsorted(image[run_start], np.arange(len(missing) + 1))
+            for j, i in enumerate(missing):
+                lo, hi = bounds[j], bounds[j + 1]
+                rlo, rhi = run_bounds[j], run_bounds[j + 1]
                 self._cache[i] = (
-                    keys[by_key],
-                    orders[by_key],
-                    weights[by_key],
-                    rows[by_key] - start,
-                    norms[start : start + count],
-                    lengths[start : start + count],
-                    ukeys,  # distinct n-grams of the image's references
-                    ustart,  # where each starts among the entries
-                    ucount,  # in how many of the references it occurs
+                    keys[lo:hi],
+                    orders[lo:hi],
+                    weights[lo:hi],
+                    local_ref[lo:hi],
+                    norms[first_ref[j] : first_ref[j + 1]],
+                    lengths[first_ref[j] : first_ref[j + 1]],
+                    keys[run_start[rlo:rhi]],  # distinct n-grams of the image's references
+                    run_start[rlo:rhi] - lo,  # where each starts among the entries
+                    run_count[rlo:rhi],  # in how many of the references it occurs
                 )
-                start += count
         return [self._cache[i] for i in index]
 
     # --- scoring --------------------------------------------------------------------------------
