@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs
 
 from hericap.data.ptb import ptb_tokenize
 from hericap.evaluation.cider import CiderD
+from hericap.evaluation.coco_metrics import toolkit_cider_corpus_df, toolkit_document_frequency
 
 
 def load_corpus() -> tuple[str, dict[str, list[str]]]:
@@ -44,27 +44,6 @@ def load_corpus() -> tuple[str, dict[str, list[str]]]:
     }
 
 
-class _CorpusSized(list):
-    """len() = corpus size, so the toolkit's compute_cider uses log(corpus size) as ref_len."""
-
-    def __init__(self, items, size):
-        super().__init__(items)
-        self.corpus_size = size
-
-    def __len__(self):
-        return self.corpus_size
-
-
-def toolkit_batch(df, corpus_size, refs, ids, cands) -> np.ndarray:
-    """The toolkit's CiderScorer on one batch with a precomputed document-frequency table."""
-    scorer = CiderScorer(n=4, sigma=6.0)
-    for i, c in zip(ids, cands, strict=True):
-        scorer += (c, refs[i])
-    scorer.document_frequency = df
-    scorer.crefs = _CorpusSized(scorer.crefs, corpus_size)
-    return np.asarray(scorer.compute_cider())
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=50)
@@ -78,10 +57,7 @@ def main() -> None:
     # candidates: references of random other images (realistic lengths and overlap)
     cands = [rng.choice(corpus[rng.choice(keys)]) for _ in ids]
 
-    df_source = CiderScorer(n=4, sigma=6.0)
-    for refs in corpus.values():
-        df_source.crefs.append(cook_refs(refs))
-    df_source.compute_doc_freq()
+    document_frequency = toolkit_document_frequency(corpus)
     t = time.perf_counter()
     ours_scorer = CiderD(corpus)  # once per run: df and every reference vector
     ours_init_s = time.perf_counter() - t
@@ -94,8 +70,9 @@ def main() -> None:
             best = min(best, time.perf_counter() - t)
         return best, out
 
+    pairs = [(c, corpus[i]) for i, c in zip(ids, cands, strict=True)]
     toolkit_s, theirs = timed(
-        lambda: toolkit_batch(df_source.document_frequency, len(corpus), corpus, ids, cands)
+        lambda: toolkit_cider_corpus_df(document_frequency, len(corpus), pairs)
     )
     ours_s, ours = timed(lambda: ours_scorer.score(ids, cands))
     # SCST's path: decoded token ids map straight to word ids (no text split)

@@ -23,8 +23,8 @@ from hericap.data.synthetic import iter_split
 from hericap.data.text import Vocabulary
 from hericap.data.transforms import decode_image, normalize_images
 from hericap.models.builder import build_captioner
-from hericap.training.loop import _pick_captions, _scst_step, _xe_loss
-from hericap.training.scst import SCST_BASELINES, CiderReward, make_scst_decoder
+from hericap.training.scst import SCST_BASELINES, CiderReward, make_scst_decoder, scst_step
+from hericap.training.xe import pick_captions, xe_loss
 
 
 def main() -> None:
@@ -56,16 +56,16 @@ def main() -> None:
     def xe_step(i: int) -> None:
         x, sel = batch(i)
         tokens = vocab.encode_batch(
-            _pick_captions([captions[j] for j in sel], k, rng), cfg.dataset.max_caption_len
+            pick_captions([captions[j] for j in sel], k, rng), cfg.dataset.max_caption_len
         )
-        loss = _xe_loss(model(x, tokens[:, :-1], captions_per_image=k), tokens[:, 1:], 1, 0.0)
+        loss = xe_loss(model(x, tokens[:, :-1], captions_per_image=k), tokens[:, 1:], 1, 0.0)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
 
     def sc_step(i: int, baseline: str, decode) -> None:
         x, sel = batch(i)
-        loss, _ = _scst_step(model, x, ids[sel], reward, decode, baseline, vocab.eos_idx)
+        loss, _ = scst_step(model, x, ids[sel], reward, decode, baseline, vocab.eos_idx)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -13,6 +13,7 @@ import torch
 from hericap.data.ptb import ptb_tokenize
 from hericap.data.text import Vocabulary
 from hericap.evaluation.cider import CiderD, cider_d_scores
+from hericap.evaluation.coco_metrics import toolkit_cider_corpus_df, toolkit_document_frequency
 from hericap.training.scst import CiderReward, advantages, scst_loss
 
 REFS = {
@@ -29,34 +30,11 @@ def _toolkit_cider(refs, cands):
     return Cider().compute_score(refs, {k: [v] for k, v in cands.items()})
 
 
-class _CorpusSized(list):
-    """A list whose len() is the corpus size: the toolkit's compute_cider sets
-    ``ref_len = log(len(self.crefs))`` and iterates the list, so this gives its scores with the
-    corpus' ``ref_len`` without touching its code."""
-
-    def __init__(self, items, size):
-        super().__init__(items)
-        self.corpus_size = size
-
-    def __len__(self):
-        return self.corpus_size
-
-
 def _toolkit_cider_fixed_df(corpus, refs, cands):
-    """The toolkit's CiderScorer with document frequencies from ``corpus`` (the reward setting
-    of M2/GRIT): df table filled from the corpus, ``ref_len`` = log(corpus size)."""
-    from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs
-
-    df_source = CiderScorer(n=4, sigma=6.0)
-    for c in corpus.values():
-        df_source.crefs.append(cook_refs(c))
-    df_source.compute_doc_freq()
-    scorer = CiderScorer(n=4, sigma=6.0)
-    for k in cands:
-        scorer += (cands[k], refs[k])
-    scorer.document_frequency = df_source.document_frequency
-    scorer.crefs = _CorpusSized(scorer.crefs, len(corpus))
-    return np.asarray(scorer.compute_cider())
+    """The toolkit's CiderScorer with document frequencies from ``corpus``."""
+    return toolkit_cider_corpus_df(
+        toolkit_document_frequency(corpus), len(corpus), [(cands[k], refs[k]) for k in cands]
+    )
 
 
 def test_cider_matches_toolkit_with_df_from_evaluated_references():

@@ -19,6 +19,10 @@ RAY_FREE = [
     "hericap.evaluation.inference",
     "hericap.training.checkpoint",
     "hericap.training.optim",
+    "hericap.training.scst",
+    "hericap.training.xe",
+    "hericap.evaluation.cider",
+    "hericap.data.ptb",
 ]
 
 

@@ -30,23 +30,28 @@ TINY = [
 ]
 
 
-def test_two_worker_run_writes_checkpoint_that_loads_and_scores(ray_cluster, tiny_shards, tmp_path):
-    from hericap.training.driver import train
-    from hericap.training.evaluate import evaluate_checkpoint
-
-    cfg = load_config(
+def _shard_run_config(name: str, tmp_path, tiny_shards, *extra: str):
+    """TINY on the shared tiny shards (256 / 32 / 32 images), writing under ``tmp_path``."""
+    return load_config(
         [
             *TINY,
-            "exp.name=ray_test",
+            f"exp.name={name}",
             f"exp.output_dir={tmp_path}",
             f"dataset.shard_dir={tiny_shards.root}",
             "dataset.synthetic_train=256",
             "dataset.synthetic_val=32",
             "dataset.synthetic_test=32",
             "dataset.synthetic_seed=7",
-            "optimizer.max_steps=6",
+            *extra,
         ]
     )
+
+
+def test_two_worker_run_writes_checkpoint_that_loads_and_scores(ray_cluster, tiny_shards, tmp_path):
+    from hericap.training.driver import train
+    from hericap.training.evaluate import evaluate_checkpoint
+
+    cfg = _shard_run_config("ray_test", tmp_path, tiny_shards, "optimizer.max_steps=6")
     outcome = train(cfg)
     # 256 images / (2 workers x 8) = 16 steps per epoch, capped at 6 steps in total.
     assert outcome.best_metrics["step"] == 6 and outcome.best_metrics["epoch"] == 0
@@ -119,25 +124,18 @@ def test_frozen_phases_are_refused_not_ignored(ray_cluster, tmp_path):
 def test_xe_then_scst_run_records_the_reward_setting(ray_cluster, tiny_shards, tmp_path):
     from hericap.training.driver import train
 
-    cfg = load_config(
-        [
-            *TINY,
-            "exp.name=ray_scst",
-            f"exp.output_dir={tmp_path}",
-            f"dataset.shard_dir={tiny_shards.root}",
-            "dataset.synthetic_train=256",
-            "dataset.synthetic_val=32",
-            "dataset.synthetic_test=32",
-            "dataset.synthetic_seed=7",
-            "dataset.overfit=True",
-            "dataset.overfit_size=32",
-            "optimizer.finetune_xe_epochs=1",
-            "optimizer.finetune_sc_epochs=1",
-            "optimizer.sc_baseline=leave_one_out",
-            "optimizer.sc_num_sequences=3",
-            "optimizer.sc_lr=1e-4",
-            "optimizer.sc_backbone_lr=1e-4",
-        ]
+    cfg = _shard_run_config(
+        "ray_scst",
+        tmp_path,
+        tiny_shards,
+        "dataset.overfit=True",
+        "dataset.overfit_size=32",
+        "optimizer.finetune_xe_epochs=1",
+        "optimizer.finetune_sc_epochs=1",
+        "optimizer.sc_baseline=leave_one_out",
+        "optimizer.sc_num_sequences=3",
+        "optimizer.sc_lr=1e-4",
+        "optimizer.sc_backbone_lr=1e-4",
     )
     outcome = train(cfg)
     # 32 images / (2 workers x 8) = 2 steps per epoch: one XE epoch, then one SCST epoch

@@ -53,14 +53,7 @@ def _split_inner(chunk: str) -> list[str]:
     """Split punctuation that may sit inside a whitespace chunk, keeping numbers whole."""
     if _NUMBER.match(chunk):
         return [chunk]
-    parts: list[str] = []
-    for piece in _INNER_SPLIT.split(chunk):
-        if not piece:
-            continue
-        if piece == "," or piece[0] in ';!?"()[]{}' or piece.startswith("..."):
-            parts.append(piece)
-        else:
-            parts.append(piece)
+    parts = [piece for piece in _INNER_SPLIT.split(chunk) if piece]
     # re-join digit groups split at commas: "1" "," "000" -> "1,000"
     merged: list[str] = []
     for p in parts:

@@ -78,22 +78,18 @@ class CiderD:
 
     # --- words and n-grams ----------------------------------------------------------------------
 
+    def _word_id(self, word: str) -> int:
+        """The id of ``word``; an unseen word gets a fresh one (it matches no reference)."""
+        i = self._words.get(word)
+        if i is None:
+            i = self._words[word] = len(self._words) + 1
+            if i > _MAX_WORDS:
+                raise ValueError(f"more than {_MAX_WORDS} distinct words")
+        return i
+
     def word_ids(self, text: str) -> np.ndarray:
         """Word ids of a tokenised text; unseen words get fresh ids (they match nothing)."""
-        words = text.split()
-        get = self._words.get
-        ids = [get(w) for w in words]
-        if None not in ids:
-            return np.asarray(ids, dtype=np.uint64)
-        ids = []
-        for w in words:
-            i = self._words.get(w)
-            if i is None:
-                i = self._words[w] = len(self._words) + 1
-                if i > _MAX_WORDS:
-                    raise ValueError(f"more than {_MAX_WORDS} distinct words")
-            ids.append(i)
-        return np.asarray(ids, dtype=np.uint64)
+        return np.asarray([self._word_id(w) for w in text.split()], dtype=np.uint64)
 
     def vocab_table(self, words: Sequence[str]) -> np.ndarray:
         """Word ids for a model vocabulary (index -> word), to score token ids directly."""
@@ -266,10 +262,8 @@ class CiderD:
         lengths = np.fromiter((len(w) for w in split), dtype=np.int64, count=len(split))
         get = self._words.get
         flat = [get(w) for words in split for w in words]
-        if None in flat:  # unseen words: give them fresh ids first
-            for words in split:
-                self.word_ids(" ".join(words))
-            flat = [get(w) for words in split for w in words]
+        if None in flat:  # unseen words: the slower path that gives them fresh ids
+            flat = [self._word_id(w) for words in split for w in words]
         out = np.zeros((len(texts), max(int(lengths.max(initial=0)), 1)), dtype=np.uint64)
         rows = np.repeat(np.arange(len(texts)), lengths)
         cols = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)

@@ -12,13 +12,7 @@ import torch
 from torch import nn
 
 from hericap.models.decoder import HierarchicalDecoder
-from hericap.models.decoding import (
-    DecodeOutput,
-    Memories,
-    beam_search,
-    greedy_decode,
-    sample_decode,
-)
+from hericap.models.decoding import DecodeOutput, Memories, beam_search, greedy_decode
 from hericap.models.encoders import GridEncoder, SwinExtractor
 
 __all__ = ["Captioner"]
@@ -115,19 +109,5 @@ class Captioner(nn.Module):
             max_len,
             length_penalty=length_penalty,
             n_best=n_best,
-            **self._ids(),
-        )
-
-    def sample(
-        self, images: torch.Tensor, num_samples: int, max_len: int = 20, temperature: float = 1.0
-    ) -> DecodeOutput:
-        """``num_samples`` sampled captions per image, with gradients (SCST)."""
-        memories = self.encode(images)
-        return sample_decode(
-            self.decoder,
-            memories,
-            max_len,
-            num_samples=num_samples,
-            temperature=temperature,
             **self._ids(),
         )

@@ -21,6 +21,7 @@ from hericap.data.synthetic import Scene
 from hericap.evaluation.coco_metrics import CocoScorer
 from hericap.evaluation.inference import CaptionPredictor
 from hericap.evaluation.report import build_report
+from hericap.training.checkpoint import META_FILE
 from hericap.training.driver import ensure_shards, first_image_ids
 
 __all__ = ["evaluate_checkpoint"]
@@ -92,7 +93,7 @@ def evaluate_checkpoint(
     )
     with CocoScorer(spice_jars=None) as scorer:
         report = build_report(scorer, references, candidates, scenes)
-    meta_file = checkpoint / "meta.json"
+    meta_file = checkpoint / META_FILE
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     training = {"phase": meta.get("phase"), "epoch": meta.get("epoch"), "step": meta.get("step")}
     if meta.get("phase") == "sc":  # how the SCST reward was computed travels with the scores

@@ -25,7 +25,6 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from hericap.config.loader import from_dict
@@ -43,7 +42,8 @@ from hericap.training.checkpoint import (
     save_checkpoint,
 )
 from hericap.training.optim import build_optimizer, constant_lr, warmup_cosine
-from hericap.training.scst import CiderReward, advantages, make_scst_decoder, scst_loss
+from hericap.training.scst import CiderReward, make_scst_decoder, scst_step
+from hericap.training.xe import pick_captions, xe_loss
 
 __all__ = ["train_loop_per_worker"]
 
@@ -69,48 +69,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-
-
-def _pick_captions(captions: np.ndarray, k: int, rng: random.Random) -> list[str]:
-    """``k`` captions per image (without replacement when there are enough), image-major."""
-    out: list[str] = []
-    for caps in captions:
-        caps = list(caps)
-        out.extend(rng.sample(caps, k) if len(caps) >= k else rng.choices(caps, k=k))
-    return out
-
-
-def _xe_loss(
-    log_probs: torch.Tensor, targets: torch.Tensor, pad_idx: int, label_smoothing: float
-) -> torch.Tensor:
-    flat, tgt = log_probs.reshape(-1, log_probs.shape[-1]), targets.reshape(-1)
-    nll = F.nll_loss(flat, tgt, ignore_index=pad_idx)
-    if not label_smoothing:
-        return nll
-    mask = tgt != pad_idx
-    smooth = -flat[mask].mean(dim=-1).mean()
-    return (1 - label_smoothing) * nll + label_smoothing * smooth
-
-
-def _scst_step(
-    model: nn.Module,
-    images: torch.Tensor,
-    image_ids: np.ndarray,
-    reward: CiderReward,
-    decode,
-    baseline: str,
-    eos_idx: int,
-) -> tuple[torch.Tensor, float]:
-    """One SCST loss: decode (no gradients), reward, baseline, policy-gradient loss."""
-    token_log_probs, sequences, greedy = model(images, decode=decode)
-    b, k, t = sequences.shape
-    flat = sequences.reshape(b * k, t)
-    ids = [str(i) for i in image_ids]
-    rewards = reward([i for i in ids for _ in range(k)], flat).reshape(b, k)
-    greedy_rewards = reward(ids, greedy.reshape(b, -1)) if greedy is not None else None
-    adv = torch.as_tensor(advantages(rewards, baseline, greedy_rewards).reshape(-1))
-    loss = scst_loss(token_log_probs, flat, eos_idx, adv.to(token_log_probs.device))
-    return loss, float(rewards.mean())
 
 
 def _iter_val_slice(
@@ -209,22 +167,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     def make_optimizer(phase: str):
         """XE: AdamW with warm-up and cosine decay; SCST: constant LR (the paper: 5e-6)."""
-        if phase == "xe":
-            opt = build_optimizer(
-                model,
-                lr=opt_cfg.xe_lr,
-                backbone_lr=opt_cfg.xe_backbone_lr,
-                weight_decay=opt_cfg.weight_decay,
-                betas=(opt_cfg.beta_1, opt_cfg.beta_2),
-            )
-            return opt, warmup_cosine(opt, opt_cfg.warmup_steps, xe_steps, opt_cfg.min_lr_ratio)
+        xe = phase == "xe"
         opt = build_optimizer(
             model,
-            lr=opt_cfg.sc_lr,
-            backbone_lr=opt_cfg.sc_backbone_lr,
+            lr=opt_cfg.xe_lr if xe else opt_cfg.sc_lr,
+            backbone_lr=opt_cfg.xe_backbone_lr if xe else opt_cfg.sc_backbone_lr,
             weight_decay=opt_cfg.weight_decay,
             betas=(opt_cfg.beta_1, opt_cfg.beta_2),
         )
+        if xe:
+            return opt, warmup_cosine(opt, opt_cfg.warmup_steps, xe_steps, opt_cfg.min_lr_ratio)
         return opt, constant_lr(opt)
 
     start_epoch, step = 0, 0
@@ -286,13 +238,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             images = normalize_images(batch["image"], device)
             if phase == "xe":
                 tokens = vocab.encode_batch(
-                    _pick_captions(batch["captions"], k, caption_rng),
+                    pick_captions(batch["captions"], k, caption_rng),
                     max_len=cfg.dataset.max_caption_len,
                 ).to(device)
                 log_probs = model(images, tokens[:, :-1], captions_per_image=k)
-                loss = _xe_loss(log_probs, tokens[:, 1:], vocab.pad_idx, opt_cfg.label_smoothing)
+                loss = xe_loss(log_probs, tokens[:, 1:], vocab.pad_idx, opt_cfg.label_smoothing)
             else:
-                loss, mean_reward = _scst_step(
+                loss, mean_reward = scst_step(
                     model,
                     images,
                     batch["image_id"],

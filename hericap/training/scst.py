@@ -34,6 +34,7 @@ __all__ = [
     "advantages",
     "make_scst_decoder",
     "scst_loss",
+    "scst_step",
 ]
 
 EOS_WORD = "<eos>"
@@ -69,12 +70,10 @@ class CiderReward:
     def __call__(self, image_ids: Sequence[str], tokens: torch.Tensor | np.ndarray) -> np.ndarray:
         """Rewards of ``tokens [N, T]`` (model ids: words, ``<eos>``, padding), one per row."""
         tokens = torch.as_tensor(tokens).cpu()
-        # everything after the first <eos> is padding
-        after_eos = (tokens == self._eos_idx).long().cumsum(dim=1) - (
-            tokens == self._eos_idx
-        ).long()
+        is_eos = (tokens == self._eos_idx).long()
+        after_eos = (is_eos.cumsum(dim=1) - is_eos).numpy() > 0  # padding, whatever it holds
         ids = self._table[tokens.numpy()]
-        ids[after_eos.numpy() > 0] = 0
+        ids[after_eos] = 0
         return self.cider.score_tokens(image_ids, ids)
 
 
@@ -144,3 +143,28 @@ def make_scst_decoder(
         return out.tokens, None
 
     return decode
+
+
+def scst_step(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    image_ids: np.ndarray,
+    reward: CiderReward,
+    decode,
+    baseline: str,
+    eos_idx: int,
+) -> tuple[torch.Tensor, float]:
+    """One SCST loss: decode (no gradients), reward, baseline, policy-gradient loss.
+
+    ``model`` is the (possibly DDP-wrapped) captioner; ``decode`` comes from
+    :func:`make_scst_decoder`. Returns the loss and the batch's mean reward.
+    """
+    token_log_probs, sequences, greedy = model(images, decode=decode)
+    b, k, t = sequences.shape
+    flat = sequences.reshape(b * k, t)
+    ids = [str(i) for i in image_ids]
+    rewards = reward([i for i in ids for _ in range(k)], flat).reshape(b, k)
+    greedy_rewards = reward(ids, greedy.reshape(b, -1)) if greedy is not None else None
+    adv = torch.as_tensor(advantages(rewards, baseline, greedy_rewards).reshape(-1))
+    loss = scst_loss(token_log_probs, flat, eos_idx, adv.to(token_log_probs.device))
+    return loss, float(rewards.mean())
