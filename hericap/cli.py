@@ -200,6 +200,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model(args: argparse.Namespace) -> int:
+    """Build the configured model on CPU and print its branches and parameter counts."""
+    from hericap.models.builder import build_captioner, format_parameter_summary
+
+    cfg = load_config(args.overrides)
+    model = build_captioner(cfg.model, args.vocab_size, cfg.dataset.image_size)
+    print(
+        f"preset {cfg.preset}: memories {model.memory_names}, fusion "
+        f"{cfg.model.cap_generator.decoder_name}, grid layers {cfg.model.grid_layer_type}"
+    )
+    print(format_parameter_summary(model))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hericap", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true")
@@ -234,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves a JVM)")
     sc.add_argument("--spice-jars", default=None, help="folder of the CoreNLP 3.6.0 jars")
     sc.set_defaults(func=cmd_score)
+
+    mo = sub.add_parser("model", help="build the configured model and print its parameters")
+    mo.add_argument("overrides", nargs="*", help=overrides_help)
+    mo.add_argument("--vocab-size", type=int, default=10_000, help="vocabulary size to assume")
+    mo.set_defaults(func=cmd_model)
 
     demo = sub.add_parser("demo", help="synthetic data -> Ray Train -> test scores table")
     demo.add_argument("overrides", nargs="*", help=overrides_help)

@@ -140,9 +140,25 @@ def test_seed_num_workers_drives_decode_concurrency_unless_set():
     assert decode_concurrency(load_config(["preset=demo", "optimizer.num_workers=0"])) is None
 
 
-def test_detector_checkpoint_without_region_branch_is_refused():
+def test_missing_detector_checkpoint_is_an_error_naming_the_key():
     from hericap.models import build_captioner
 
     cfg = load_config(["preset=demo", "model.detector.checkpoint=/w/region_ckpt.pth"])
-    with pytest.raises(ValueError, match="region"):
+    with pytest.raises(FileNotFoundError, match=r"model\.detector\.checkpoint"):
         build_captioner(cfg.model, 20, 64)
+
+
+def test_region_levels_beyond_the_extractor_maps_are_refused():
+    with pytest.raises(ConfigError, match="num_levels"):
+        load_config(["preset=tiny", "model.detector.num_levels=4"])
+
+
+def test_presets_extend_their_base():
+    paper, coco = load_config(["preset=paper"]), load_config(["preset=coco"])
+    assert paper.preset == "paper" and paper.model == coco.model
+    tiny = load_config(["preset=tiny"])
+    assert tiny.model.use_reg_feat and tiny.model.use_glob_feat
+    assert (
+        tiny.optimizer.captions_per_image
+        == load_config(["preset=demo"]).optimizer.captions_per_image
+    )

@@ -147,3 +147,34 @@ def test_xe_then_scst_run_records_the_reward_setting(ray_cluster, tiny_shards, t
     assert latest["phase"] == "sc"
     state = load_checkpoint(outcome.latest_checkpoint).training_state()
     assert state["phase"] == "sc" and state["epoch"] == 1
+
+
+def test_full_model_family_trains_under_ddp_without_unused_parameters(
+    ray_cluster, tiny_shards, tmp_path
+):
+    """Grid (routing cells) + region (Deformable DETR) + global under 2-worker DDP: DDP without
+    ``find_unused_parameters`` fails on the second step if any trainable parameter is unused."""
+    from hericap.training.driver import train
+
+    cfg = load_config(
+        [
+            "preset=tiny",
+            "exp.name=family",
+            f"exp.output_dir={tmp_path}",
+            f"dataset.shard_dir={tiny_shards.root}",
+            "dataset.synthetic_seed=7",
+            "dataset.vocab_min_count=1",
+            "dataset.max_val_images=16",
+            "model.grid_layer_type=routing",
+            "model.cap_generator.decoder_name=Concatenated_Sequential",
+            "optimizer.batch_size=8",
+            "optimizer.max_steps=3",
+            "optimizer.warmup_steps=2",
+            "decode.max_len=6",
+        ]
+    )
+    outcome = train(cfg)
+    assert outcome.best_metrics["step"] == 3
+    ckpt = load_checkpoint(outcome.best_checkpoint)
+    assert ckpt.model.memory_names == ["grid", "region", "global"]
+    assert ckpt.model.region_encoder is not None

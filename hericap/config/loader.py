@@ -144,6 +144,31 @@ def _merge(base, update, where: str):
         raise ConfigError(f"{where}: bad value for '{key}'{type_hint}: {reason}") from e
 
 
+def _preset_tree(name: str) -> dict[str, Any]:
+    """A preset's keys (without ``extends``), each checked against the schema."""
+    text = resources.files(_PRESET_PACKAGE).joinpath(f"{name}.yaml").read_text()
+    tree = OmegaConf.to_container(OmegaConf.create(text)) or {}
+    tree.pop("extends", None)
+    for key in _flatten(tree):
+        _check_key(key, where=f"preset '{name}'")
+    return tree
+
+
+def _preset_chain(name: str) -> list[str]:
+    """``name`` and the presets it ``extends``, base first."""
+    chain: list[str] = []
+    presets = list_presets()
+    while name:
+        if name not in presets:
+            raise ConfigError(f"unknown preset '{name}'; available presets: {presets}")
+        if name in chain:
+            raise ConfigError(f"preset '{name}' extends itself: {[*chain, name]}")
+        chain.append(name)
+        text = resources.files(_PRESET_PACKAGE).joinpath(f"{name}.yaml").read_text()
+        name = (OmegaConf.to_container(OmegaConf.create(text)) or {}).get("extends")
+    return chain[::-1]
+
+
 def load_config(
     overrides: Sequence[str] = (),
     preset: str | None = None,
@@ -176,12 +201,9 @@ def load_config(
         presets = list_presets()
         if preset not in presets:
             raise ConfigError(f"unknown preset '{preset}'; available presets: {presets}")
-        schema = OmegaConf.structured(Config)
-        preset_text = resources.files(_PRESET_PACKAGE).joinpath(f"{preset}.yaml").read_text()
-        preset_tree = OmegaConf.to_container(OmegaConf.create(preset_text)) or {}
-        for key in _flatten(preset_tree):
-            _check_key(key, where=f"preset '{preset}'")
-        cfg = _merge(schema, preset_tree, where=f"preset '{preset}'")
+        cfg = OmegaConf.structured(Config)
+        for name in _preset_chain(preset):
+            cfg = _merge(cfg, _preset_tree(name), where=f"preset '{name}'")
         cfg.preset = preset
 
     for key, _ in parsed:

@@ -94,6 +94,9 @@ class ExtractorConfig:
     # Patch embedding: "patch" (timm's, what pretrained Swin weights have) or "conv" (a
     # convolutional stem that learns much faster from random init).
     stem: str = "patch"
+    # Channels of GRIT's extra stride-2 merging stage after the last Swin stage (the coarsest
+    # map then has stride 64; Swin-B: 1024). 0: no extra stage.
+    extra_stage_dim: int = 0
     checkpoint: str | None = None
 
 
@@ -135,6 +138,9 @@ class ModelConfig:
     dropout: float = 0.2
     attn_dropout: float = 0.2
     grid_layers: int = 3
+    # Grid sub-encoder layers: "transformer" (self-attention + FFN) or "routing" (DTNet-style
+    # dynamic routing cells).
+    grid_layer_type: str = "transformer"
     global_layers: int = 3
     use_gri_feat: bool = True
     use_reg_feat: bool = False
@@ -227,6 +233,19 @@ class Config:
             raise ValueError(
                 f"model.extractor.depths={ext.depths} and model.extractor.num_heads="
                 f"{ext.num_heads} must have the same length (one entry per Swin stage)"
+            )
+        n_maps = len(ext.depths) + (1 if ext.extra_stage_dim else 0)
+        det = self.model.detector
+        if self.model.use_reg_feat and det.num_levels > n_maps:
+            raise ValueError(
+                f"model.detector.num_levels={det.num_levels} but the extractor gives {n_maps} "
+                f"maps (model.extractor.depths={ext.depths}, extra_stage_dim="
+                f"{ext.extra_stage_dim}); lower num_levels or add stages"
+            )
+        if self.model.use_reg_feat and det.d_model % det.num_heads:
+            raise ValueError(
+                f"model.detector.d_model={det.d_model} must be divisible by "
+                f"model.detector.num_heads={det.num_heads}"
             )
         if not (self.model.use_gri_feat or self.model.use_reg_feat or self.model.use_glob_feat):
             raise ValueError(

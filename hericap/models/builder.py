@@ -15,33 +15,25 @@ from hericap.models.captioner import Captioner
 from hericap.models.decoder import HierarchicalDecoder
 from hericap.models.encoders import GridEncoder, SwinExtractor
 from hericap.models.fusion import canonical_fusion_name
+from hericap.models.global_encoder import GlobalEncoder
+from hericap.models.grit_checkpoint import load_detector_checkpoint
+from hericap.models.region import RegionEncoder
 
-__all__ = ["build_captioner", "parameter_summary"]
+__all__ = ["build_captioner", "format_parameter_summary", "parameter_summary"]
 
 logger = logging.getLogger(__name__)
 
 
-def build_captioner(model: ModelConfig, vocab_size: int, image_size: int) -> Captioner:
-    """Instantiate the captioner described by ``model``.
+def build_captioner(
+    model: ModelConfig, vocab_size: int, image_size: int | tuple[int, int]
+) -> Captioner:
+    """Instantiate the captioner described by ``model`` (and load ``model.detector.checkpoint``
+    when set).
 
     Raises:
-        ValueError: a branch or variant this version cannot build.
+        ValueError: an inconsistent configuration.
     """
     fusion_name = canonical_fusion_name(model.cap_generator.decoder_name)
-    unsupported = [k for k in ("use_reg_feat", "use_glob_feat") if getattr(model, k)]
-    if unsupported:
-        raise ValueError(
-            f"{', '.join('model.' + k + '=True' for k in unsupported)}: this HeriCap version "
-            "builds the grid branch only (region and global sub-encoders are not included yet); "
-            "set them to False"
-        )
-    if model.detector.checkpoint:
-        raise ValueError(
-            f"model.detector.checkpoint={model.detector.checkpoint!r} is set, but this HeriCap "
-            "version has no region sub-encoder to load it into; remove it (it would be ignored)"
-        )
-    if not model.use_gri_feat:
-        raise ValueError("model.use_gri_feat=False leaves no visual memory in this version")
     ext = model.extractor
     extractor = SwinExtractor(
         image_size=image_size,
@@ -50,22 +42,66 @@ def build_captioner(model: ModelConfig, vocab_size: int, image_size: int) -> Cap
         depths=tuple(ext.depths),
         num_heads=tuple(ext.num_heads),
         window_size=ext.window_size,
+        extra_stage_dim=ext.extra_stage_dim or None,
         frozen_stages=model.frozen_stages,
         stem=ext.stem,
         checkpoint=ext.checkpoint,
     )
-    grid = GridEncoder(
-        in_dim=extractor.channels[-1],
-        d_model=model.d_model,
-        n_layers=model.grid_layers,
-        n_heads=model.n_heads,
-        d_ff=model.d_ff,
-        dropout=model.dropout,
-        attn_dropout=model.attn_dropout,
-    )
+    coarsest = extractor.channels[-1]
+    grid = region = glob = None
+    region_proj: nn.Module | None = None
+    if model.use_gri_feat:
+        grid = GridEncoder(
+            in_dim=coarsest,
+            d_model=model.d_model,
+            n_layers=model.grid_layers,
+            n_heads=model.n_heads,
+            d_ff=model.d_ff,
+            dropout=model.dropout,
+            attn_dropout=model.attn_dropout,
+            layer_type=model.grid_layer_type,
+        )
+    if model.use_reg_feat:
+        det = model.detector
+        if det.num_levels > len(extractor.channels):
+            raise ValueError(
+                f"model.detector.num_levels={det.num_levels} but the extractor gives "
+                f"{len(extractor.channels)} maps"
+            )
+        region = RegionEncoder(
+            in_channels=extractor.channels[-det.num_levels :],
+            d_model=det.d_model,
+            n_heads=det.num_heads,
+            d_ff=det.dim_feedforward,
+            n_layers=det.num_layers,
+            n_levels=det.num_levels,
+            n_points=det.num_points,
+            n_queries=det.num_queries,
+            n_classes=det.num_classes,
+            dropout=det.dropout,
+            activation=det.activation,
+            with_box_refine=det.with_box_refine,
+        )
+        if det.d_model != model.d_model:
+            region_proj = nn.Sequential(
+                nn.Linear(det.d_model, model.d_model), nn.LayerNorm(model.d_model)
+            )
+    if model.use_glob_feat:
+        glob = GlobalEncoder(
+            in_dim=coarsest,
+            d_model=model.d_model,
+            n_layers=model.global_layers,
+            d_ff=model.d_ff,
+            dropout=model.dropout,
+        )
+    memory_names = [n for n, m in (("grid", grid), ("region", region), ("global", glob)) if m]
+    if not memory_names:
+        raise ValueError(
+            "at least one of model.use_gri_feat / use_reg_feat / use_glob_feat must be True"
+        )
     decoder = HierarchicalDecoder(
         vocab_size=vocab_size,
-        memory_names=["grid"],
+        memory_names=memory_names,
         fusion_name=fusion_name,
         d_model=model.d_model,
         n_layers=model.cap_generator.n_layers,
@@ -75,13 +111,51 @@ def build_captioner(model: ModelConfig, vocab_size: int, image_size: int) -> Cap
         attn_dropout=model.attn_dropout,
         activation=model.cap_generator.activation,
     )
-    return Captioner(extractor, grid, decoder)
+    captioner = Captioner(
+        extractor,
+        decoder,
+        grid_encoder=grid,
+        region_encoder=region,
+        global_encoder=glob,
+        region_proj=region_proj,
+    )
+    if model.detector.checkpoint:
+        load_detector_checkpoint(
+            captioner,
+            model.detector.checkpoint,
+            num_stages=len(ext.depths),
+            allow_partial=model.detector.allow_partial_load,
+        )
+    return captioner
+
+
+BRANCHES = {
+    "extractor": "Swin extractor",
+    "grid_encoder": "grid sub-encoder",
+    "region_encoder": "region sub-encoder (Deformable DETR)",
+    "region_proj": "region projection",
+    "global_encoder": "global sub-encoder",
+    "decoder": "hierarchical decoder",
+}
 
 
 def parameter_summary(model: nn.Module) -> dict[str, int]:
-    """Parameter counts per top-level branch, plus ``total``."""
+    """Parameter counts per top-level branch (branches with parameters), plus ``trainable``
+    and ``total``."""
     counts = {
-        name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()
+        name: n
+        for name, child in model.named_children()
+        if (n := sum(p.numel() for p in child.parameters()))
     }
+    counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     counts["total"] = sum(p.numel() for p in model.parameters())
     return counts
+
+
+def format_parameter_summary(model: nn.Module) -> str:
+    """A table of :func:`parameter_summary`, in millions."""
+    rows = [
+        f"  {BRANCHES.get(name, name):<40} {count / 1e6:>9.2f} M"
+        for name, count in parameter_summary(model).items()
+    ]
+    return "parameters per branch:\n" + "\n".join(rows)

@@ -1,12 +1,15 @@
 """The captioning model: extractor -> sub-encoders -> hierarchical decoder.
 
-Only the grid branch is built so far; the region (Deformable DETR) and global (relation-aware
-attention) sub-encoders plug in as further memories named ``region`` and ``global``.
+The extractor's maps feed up to three sub-encoders, each giving the decoder one memory: ``grid``
+(the coarsest map, :class:`~hericap.models.encoders.GridEncoder`), ``region`` (the last
+``n_levels`` maps, :class:`~hericap.models.region.RegionEncoder`) and ``global`` (the coarsest
+map, :class:`~hericap.models.global_encoder.GlobalEncoder`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -14,39 +17,107 @@ from torch import nn
 from hericap.models.decoder import HierarchicalDecoder
 from hericap.models.decoding import DecodeOutput, Memories, beam_search, greedy_decode
 from hericap.models.encoders import GridEncoder, SwinExtractor
+from hericap.models.global_encoder import GlobalEncoder
+from hericap.models.region import RegionEncoder
 
-__all__ = ["Captioner"]
+__all__ = ["Attention", "Captioner", "Encoded"]
+
+
+@dataclass
+class Encoded:
+    """What the encoders produce for a batch: the decoder's ``memories``, the coarsest map's
+    ``map_size (h, w)`` (grid and global tokens are that map, row-major), the ``region_boxes
+    [B, Q, 4]`` (cx, cy, w, h in [0, 1]; None without the region branch) and, per routing layer,
+    the per-image ``routing`` weights."""
+
+    memories: Memories
+    map_size: tuple[int, int]
+    region_boxes: torch.Tensor | None = None
+    routing: list[dict[str, torch.Tensor]] = field(default_factory=list)
+
+
+@dataclass
+class Attention:
+    """Per-word cross-attention for explanations: ``weights[layer][group]`` is ``[B, T, tokens]``
+    over a fusion group's memory tokens (group ``grid``, ``region``, ``global`` or a
+    concatenation such as ``grid+region``, tokens in that order), ``token_counts`` says how many
+    tokens each memory has, and ``encoded`` carries boxes, map size and routing weights."""
+
+    weights: list[dict[str, torch.Tensor]]
+    token_counts: dict[str, int]
+    encoded: Encoded
 
 
 class Captioner(nn.Module):
     """Image captioner.
 
     Args:
-        extractor: backbone returning NHWC feature maps.
-        grid_encoder: grid sub-encoder over the last map.
+        extractor: backbone returning NHWC feature maps, finest first.
         decoder: hierarchical decoder over the memories.
+        grid_encoder: grid sub-encoder over the last map (None: branch off).
+        region_encoder: region sub-encoder over the last maps (None: branch off).
+        global_encoder: global sub-encoder over the last map (None: branch off).
+        region_proj: maps region features to the decoder's width (identity when equal).
         bos_idx: begin-of-sentence token; ``eos_idx`` and ``pad_idx`` likewise.
     """
 
     def __init__(
         self,
         extractor: SwinExtractor,
-        grid_encoder: GridEncoder,
         decoder: HierarchicalDecoder,
+        grid_encoder: GridEncoder | None = None,
+        region_encoder: RegionEncoder | None = None,
+        global_encoder: GlobalEncoder | None = None,
+        region_proj: nn.Module | None = None,
         bos_idx: int = 2,
         eos_idx: int = 3,
         pad_idx: int = 1,
     ) -> None:
         super().__init__()
+        if grid_encoder is None and region_encoder is None and global_encoder is None:
+            raise ValueError("a captioner needs at least one of the grid/region/global encoders")
         self.extractor = extractor
         self.grid_encoder = grid_encoder
+        self.region_encoder = region_encoder
+        self.global_encoder = global_encoder
+        self.region_proj = region_proj if region_proj is not None else nn.Identity()
         self.decoder = decoder
         self.bos_idx, self.eos_idx, self.pad_idx = bos_idx, eos_idx, pad_idx
 
-    def encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``images [B, 3, H, W]`` (normalised) -> memories ``{"grid": [B, N, D]}``."""
+    @property
+    def memory_names(self) -> list[str]:
+        names = [("grid", self.grid_encoder), ("region", self.region_encoder)]
+        names.append(("global", self.global_encoder))
+        return [n for n, m in names if m is not None]
+
+    def encode_all(self, images: torch.Tensor) -> Encoded:
+        """``images [B, 3, H, W]`` (normalised) -> memories plus what explanations need."""
         maps = self.extractor(images)
-        return {"grid": self.grid_encoder(maps[-1])}
+        memories: Memories = {}
+        encoded = Encoded(memories=memories, map_size=(maps[-1].shape[1], maps[-1].shape[2]))
+        if self.grid_encoder is not None:
+            memories["grid"], encoded.routing = self.grid_encoder(maps[-1])
+        if self.region_encoder is not None:
+            region = self.region_encoder(maps)
+            memories["region"] = self.region_proj(region.features)
+            encoded.region_boxes = region.boxes
+        if self.global_encoder is not None:
+            memories["global"] = self.global_encoder(maps[-1])
+        return encoded
+
+    def encode(self, images: torch.Tensor) -> Memories:
+        """``images [B, 3, H, W]`` (normalised) -> memories ``{"grid"|"region"|"global":
+        [B, N, D]}``."""
+        return self.encode_all(images).memories
+
+    @torch.no_grad()
+    def attention(self, images: torch.Tensor, tokens: torch.Tensor) -> Attention:
+        """Cross-attention of each word of ``tokens [B, T]`` (``<bos>`` first: the decoder's
+        inputs, as teacher forcing feeds them) over the visual tokens, for heatmaps."""
+        encoded = self.encode_all(images)
+        _, weights = self.decoder(tokens, encoded.memories, need_weights=True)
+        counts = {k: v.shape[1] for k, v in encoded.memories.items()}
+        return Attention(weights=weights, token_counts=counts, encoded=encoded)
 
     def forward(
         self,

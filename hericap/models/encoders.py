@@ -1,9 +1,14 @@
 """The visual side: Swin extractor (timm) and the grid sub-encoder.
 
 Extractor: a timm Swin Transformer with ``features_only`` (Liu et al., ICCV 2021), random init or
-weights from a local file; never downloaded. Grid sub-encoder: a linear projection of the coarsest
-map to ``d_model`` (+ ReLU, dropout, LayerNorm, 2-D sinusoidal positions) followed by post-LN
-self-attention layers, as in GRIT (Nguyen et al., ECCV 2022) and HierCap (Pan et al., 2026).
+weights from a local file; never downloaded. One extra stride-2 patch-merging stage after the last
+Swin stage (GRIT's layout) makes the coarsest map stride 64: a 384×640 image gives 6×10 tokens.
+Inputs of any size divisible by the patch size work, square or not (timm's dynamic image size).
+
+Grid sub-encoder: a linear projection of the coarsest map to ``d_model`` (+ ReLU, dropout,
+LayerNorm, 2-D sinusoidal positions) followed by post-LN self-attention layers, as in GRIT (Nguyen
+et al., ECCV 2022) and HierCap (Pan et al., 2026), or by dynamic routing layers
+(:mod:`hericap.models.routing`).
 """
 
 from __future__ import annotations
@@ -13,12 +18,22 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.models.swin_transformer import PatchMerging
 from torch import nn
 
 from hericap.models.layers import FeedForward, MultiHeadAttention, sinusoid_2d
+from hericap.models.routing import RoutingLayer
 from hericap.models.weights import load_state_dict_strict
 
-__all__ = ["STEMS", "ConvStem", "EncoderLayer", "GridEncoder", "SwinExtractor"]
+__all__ = [
+    "GRID_LAYER_TYPES",
+    "STEMS",
+    "ConvStem",
+    "EncoderLayer",
+    "GridEncoder",
+    "SwinExtractor",
+    "VisualProjection",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -78,16 +93,18 @@ STEMS: dict[str, type[nn.Module] | None] = {"patch": None, "conv": ConvStem}
 
 
 class SwinExtractor(nn.Module):
-    """A timm Swin backbone returning NHWC feature maps of the requested stages.
+    """A timm Swin backbone returning NHWC feature maps of every stage (plus the extra stage).
 
     Args:
-        image_size: input side in pixels.
+        image_size: input size the model is built for (side, or ``(height, width)``); other
+            sizes divisible by ``patch_size`` work too.
         patch_size: patch embedding stride.
         embed_dim: channels of the first stage (doubled per stage).
         depths: blocks per stage.
         num_heads: attention heads per stage.
         window_size: attention window (must divide each stage's map).
-        out_indices: stages whose maps are returned (default: the last).
+        extra_stage_dim: channels of one extra stride-2 patch-merging stage after the last Swin
+            stage (GRIT: 1024 for Swin-B); 0 or None: no extra stage.
         frozen_stages: freeze the patch embedding and stages ``0..frozen_stages - 1``
             (-1: nothing frozen).
         drop_path_rate: stochastic depth.
@@ -98,13 +115,13 @@ class SwinExtractor(nn.Module):
 
     def __init__(
         self,
-        image_size: int,
+        image_size: int | tuple[int, int],
         patch_size: int = 4,
         embed_dim: int = 96,
         depths: tuple[int, ...] = (2, 2, 6, 2),
         num_heads: tuple[int, ...] = (3, 6, 12, 24),
         window_size: int = 7,
-        out_indices: tuple[int, ...] | None = None,
+        extra_stage_dim: int | None = None,
         frozen_stages: int = -1,
         drop_path_rate: float = 0.0,
         stem: str = "patch",
@@ -113,13 +130,12 @@ class SwinExtractor(nn.Module):
         super().__init__()
         if stem not in STEMS:
             raise ValueError(f"unknown model.extractor.stem={stem!r}; known: {sorted(STEMS)}")
-        out_indices = out_indices if out_indices is not None else (len(depths) - 1,)
         stem_kwargs = {"embed_layer": STEMS[stem]} if STEMS[stem] is not None else {}
         self.body = timm.create_model(
             "swin_tiny_patch4_window7_224",  # architecture family; every size is set below
             pretrained=False,
             features_only=True,
-            out_indices=out_indices,
+            out_indices=tuple(range(len(depths))),
             img_size=image_size,
             patch_size=patch_size,
             embed_dim=embed_dim,
@@ -127,10 +143,18 @@ class SwinExtractor(nn.Module):
             num_heads=tuple(num_heads),
             window_size=window_size,
             drop_path_rate=drop_path_rate,
+            dynamic_img_size=True,
             **stem_kwargs,
         )
         self.channels: list[int] = self.body.feature_info.channels()
         self.reductions: list[int] = self.body.feature_info.reduction()
+        last_dim = embed_dim * 2 ** (len(depths) - 1)
+        self.extra: PatchMerging | None = None
+        if extra_stage_dim:
+            # keys `norm`, `reduction`: the layout of timm's (and the original Swin's) merging
+            self.extra = PatchMerging(dim=last_dim, out_dim=extra_stage_dim)
+            self.channels.append(extra_stage_dim)
+            self.reductions.append(self.reductions[-1] * 2)
         if checkpoint:
             self.load_backbone(checkpoint)
         self.frozen_stages = frozen_stages
@@ -166,8 +190,11 @@ class SwinExtractor(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """``images [B, 3, H, W]`` -> list of ``[B, h, w, C]`` maps."""
-        return self.body(images)
+        """``images [B, 3, H, W]`` -> list of ``[B, h, w, C]`` maps, finest first."""
+        maps = self.body(images)
+        if self.extra is not None:
+            maps.append(self.extra(maps[-1]))
+        return maps
 
 
 class EncoderLayer(nn.Module):
@@ -195,17 +222,40 @@ class EncoderLayer(nn.Module):
         return self.ln2(x + self.drop(self.ffn(x)))
 
 
+class VisualProjection(nn.Sequential):
+    """``Linear -> ReLU -> Dropout -> LayerNorm`` from the map's channels to ``d_model``, plus 2-D
+    sinusoidal positions: how the grid and global sub-encoders read the coarsest map."""
+
+    def __init__(self, in_dim: int, d_model: int, dropout: float) -> None:
+        super().__init__(
+            nn.Linear(in_dim, d_model), nn.ReLU(), nn.Dropout(dropout), nn.LayerNorm(d_model)
+        )
+        self.d_model = d_model
+
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """``[B, h, w, C]`` -> ``[B, h*w, d_model]``."""
+        b, h, w, c = feature_map.shape
+        x = super().forward(feature_map.reshape(b, h * w, c))
+        return x + sinusoid_2d(h, w, self.d_model, device=x.device).to(x.dtype)
+
+
+# Layer types of the grid sub-encoder (``model.grid_layer_type``).
+GRID_LAYER_TYPES = ("transformer", "routing")
+
+
 class GridEncoder(nn.Module):
     """Grid sub-encoder over the coarsest feature map.
 
     Args:
         in_dim: channels of the input map.
         d_model: output width.
-        n_layers: self-attention layers (paper: 3).
+        n_layers: layers (paper: 3).
         n_heads: attention heads.
         d_ff: FFN width.
         dropout: dropout on residual branches.
         attn_dropout: dropout on attention weights.
+        layer_type: ``transformer`` (self-attention + FFN) or ``routing`` (DTNet-style dynamic
+            routing cells, :class:`~hericap.models.routing.RoutingLayer`).
     """
 
     def __init__(
@@ -217,21 +267,38 @@ class GridEncoder(nn.Module):
         d_ff: int,
         dropout: float = 0.1,
         attn_dropout: float = 0.1,
+        layer_type: str = "transformer",
     ) -> None:
         super().__init__()
-        self.proj = nn.Sequential(
-            nn.Linear(in_dim, d_model), nn.ReLU(), nn.Dropout(dropout), nn.LayerNorm(d_model)
-        )
-        self.layers = nn.ModuleList(
-            EncoderLayer(d_model, n_heads, d_ff, dropout, attn_dropout) for _ in range(n_layers)
-        )
+        if layer_type not in GRID_LAYER_TYPES:
+            raise ValueError(
+                f"unknown model.grid_layer_type={layer_type!r}; known: {list(GRID_LAYER_TYPES)}"
+            )
+        self.proj = VisualProjection(in_dim, d_model, dropout)
+        self.layer_type = layer_type
+        if layer_type == "routing":
+            self.layers = nn.ModuleList(
+                RoutingLayer(d_model, n_heads, d_ff, dropout, attn_dropout) for _ in range(n_layers)
+            )
+        else:
+            self.layers = nn.ModuleList(
+                EncoderLayer(d_model, n_heads, d_ff, dropout, attn_dropout) for _ in range(n_layers)
+            )
         self.d_model = d_model
 
-    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
-        """``[B, h, w, C]`` -> ``[B, h*w, d_model]`` grid tokens."""
-        b, h, w, c = feature_map.shape
-        x = self.proj(feature_map.reshape(b, h * w, c))
-        x = x + sinusoid_2d(h, w, self.d_model, device=x.device).to(x.dtype)
+    def forward(
+        self, feature_map: torch.Tensor
+    ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        """``[B, h, w, C]`` -> ``[B, h*w, d_model]`` grid tokens, and per routing layer its
+        per-image routing weights ``{"spatial": [B, 3], "channel": [B, 2]}`` (empty for
+        transformer layers)."""
+        _, h, w, _ = feature_map.shape
+        x = self.proj(feature_map)
+        routing = []
         for layer in self.layers:
-            x = layer(x)
-        return x
+            if self.layer_type == "routing":
+                x, weights = layer(x, h, w)
+                routing.append(weights)
+            else:
+                x = layer(x)
+        return x, routing

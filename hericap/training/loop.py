@@ -33,7 +33,7 @@ from hericap.data.transforms import decode_image, normalize_images
 from hericap.evaluation.coco_metrics import cider_d
 from hericap.evaluation.inference import caption_batch
 from hericap.log import setup_logging
-from hericap.models.builder import build_captioner
+from hericap.models.builder import build_captioner, format_parameter_summary
 from hericap.models.weights import load_state_dict_strict
 from hericap.training.checkpoint import (
     META_FILE,
@@ -153,6 +153,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     torch.manual_seed(cfg.exp.seed)  # identical initial weights on every rank
     model = build_captioner(cfg.model, len(vocab), cfg.dataset.image_size)
+    if rank == 0:
+        logger.info("model: memories %s; %s", model.memory_names, format_parameter_summary(model))
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(model)
     xe_epochs = opt_cfg.freezing_xe_epochs + opt_cfg.finetune_xe_epochs

@@ -1,6 +1,7 @@
 """Optimiser and learning-rate schedule.
 
-AdamW with two learning rates (extractor vs the rest, as in the paper: 1e-5 / 1e-4) and weight
+AdamW with two learning rates (extractor + region detector vs the rest, as in the paper:
+1e-5 / 1e-4) and weight
 decay by one rule: matrices and embeddings decay, norms and biases (parameters with fewer than
 two dimensions) do not. Schedule: linear warm-up, then cosine down to ``min_lr_ratio`` of the
 peak.
@@ -21,7 +22,7 @@ def param_groups(
     lr: float,
     backbone_lr: float,
     weight_decay: float,
-    backbone_prefix: str = "extractor.",
+    backbone_prefix: tuple[str, ...] = ("extractor.", "region_encoder."),
 ) -> list[dict]:
     """Four AdamW groups: (backbone | rest) × (decay | no decay); frozen parameters left out."""
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
