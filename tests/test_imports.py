@@ -23,6 +23,12 @@ RAY_FREE = [
     "hericap.training.xe",
     "hericap.evaluation.cider",
     "hericap.data.ptb",
+    "hericap.data.readers",
+    "hericap.data.storage",
+    "hericap.models.region",
+    "hericap.models.global_encoder",
+    "hericap.models.routing",
+    "hericap.models.grit_checkpoint",
 ]
 
 

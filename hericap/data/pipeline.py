@@ -15,9 +15,10 @@ import numpy as np
 import ray
 import ray.data
 
+from hericap.data import storage
 from hericap.data.transforms import decode_image
 
-__all__ = ["decode_batch", "shard_dataset"]
+__all__ = ["decode_batch", "run_on_ray", "shard_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,9 @@ def shard_dataset(
         concurrency: decode tasks at once (None: Ray decides).
         keep_ids: keep only these image ids (the ``dataset.overfit`` subset, eval limits).
     """
-    ds = ray.data.read_parquet([str(f) for f in files], columns=list(columns))
+    fs, _ = storage.filesystem(files[0])
+    paths = [storage.filesystem(f)[1] for f in files]
+    ds = ray.data.read_parquet(paths, columns=list(columns), filesystem=fs)
     if shuffle:
         ds = ds.randomize_block_order()
     return ds.map_batches(
@@ -82,3 +85,22 @@ def shard_dataset(
         batch_format="numpy",
         compute=ray.data.TaskPoolStrategy(size=concurrency) if concurrency else None,
     )
+
+
+def run_on_ray(fn, items: Sequence, num_cpus: float = 1.0, max_in_flight: int = 0):
+    """Run ``fn(item)`` for every item as Ray tasks; yield results as they finish.
+
+    ``max_in_flight`` bounds the tasks submitted at once (0: twice the cluster's CPUs), so a
+    dataset of many shards does not queue them all.
+    """
+    if not items:
+        return
+    task = ray.remote(num_cpus=num_cpus)(fn)
+    limit = max_in_flight or max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    queue = list(items)
+    in_flight = [task.remote(queue.pop(0)) for _ in range(min(limit, len(queue)))]
+    while in_flight:
+        done, in_flight = ray.wait(in_flight, num_returns=1)
+        yield ray.get(done[0])
+        if queue:
+            in_flight.append(task.remote(queue.pop(0)))

@@ -1,23 +1,46 @@
-"""Turn a dataset into Parquet shards plus a manifest and a vocabulary.
+"""Turn a dataset into Parquet shards plus a manifest, a vocabulary and a skip report.
 
-Only the embedded synthetic dataset is here so far; real readers (COCO Karpathy, Flickr, nocaps)
-plug into :data:`PREPARERS`.
+Real datasets: a reader (:mod:`hericap.data.readers`) lists the records; :func:`plan_shards`
+cuts them into shards of ``shard_rows`` per split; :func:`build_shard` reads, checks and
+normalises one shard's images and writes it with a completion marker; :func:`prepare_records`
+runs the shards through a ``run`` function (on Ray from the CLI, serially here), skips shards
+whose marker exists (an interrupted run resumes without rewriting finished shards), then writes
+``vocab.json``, ``report.json`` (every skipped record with its reason) and ``manifest.json``.
+Outputs go to a folder or an ``s3://`` prefix. Nothing here imports Ray.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
-from hericap.data import synthetic
-from hericap.data.shards import VOCAB_NAME, Manifest, ShardWriter
+from hericap.data import storage, synthetic
+from hericap.data.readers import Record
+from hericap.data.shards import VOCAB_NAME, Manifest, ShardWriter, shard_bytes
 from hericap.data.text import Vocabulary
+from hericap.data.transforms import validate_image_bytes
 
-__all__ = ["PREPARERS", "prepare_synthetic"]
+__all__ = [
+    "PREPARERS",
+    "REPORT_NAME",
+    "ShardPlan",
+    "build_shard",
+    "plan_shards",
+    "prepare_records",
+    "prepare_synthetic",
+]
+
+REPORT_NAME = "report.json"
+PROGRESS_DIR = "_progress"
+SPLIT_ORDER = ("train", "val", "test")
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +91,7 @@ def prepare_synthetic(
                         "source": "synthetic",
                         "file_name": None,
                         "scene": json.dumps(s.scene.to_dict()),
+                        "meta": None,
                     }
                 )
                 if split == "train":
@@ -96,3 +120,214 @@ def prepare_synthetic(
 
 
 PREPARERS: dict[str, Callable[..., Manifest]] = {"synthetic": prepare_synthetic}
+
+
+@dataclass
+class ShardPlan:
+    """One shard to write: its file name, split and records."""
+
+    name: str
+    split: str
+    records: list[Record]
+
+
+def plan_shards(records: Iterable[Record], shard_rows: int) -> list[ShardPlan]:
+    """Cut records into shards of at most ``shard_rows`` per split, in a stable order (the same
+    records always give the same shard names: what makes resuming safe)."""
+    if shard_rows < 1:
+        raise ValueError(f"shard_rows={shard_rows} must be >= 1")
+    by_split: dict[str, list[Record]] = {}
+    for r in records:
+        by_split.setdefault(r.split, []).append(r)
+    order = [s for s in SPLIT_ORDER if s in by_split] + sorted(set(by_split) - set(SPLIT_ORDER))
+    plans = []
+    for split in order:
+        rows = by_split[split]
+        for i in range(0, len(rows), shard_rows):
+            name = f"{split}-{i // shard_rows:05d}.parquet"
+            plans.append(ShardPlan(name, split, rows[i : i + shard_rows]))
+    return plans
+
+
+def _read_image_file(path: str) -> bytes:
+    p = Path(path)
+    if not p.exists():
+        raise ValueError("missing image file")
+    if not p.is_file():
+        raise ValueError("not a regular file")
+    try:
+        return p.read_bytes()
+    except OSError as e:
+        raise ValueError(f"unreadable file: {e.strerror or e}") from e
+
+
+def build_shard(plan: ShardPlan, out: str, source: str) -> dict[str, Any]:
+    """Read, check and normalise a shard's images, write the shard and its completion marker.
+
+    Per record: empty or whitespace captions are dropped (each one reported); a record whose
+    captions were all empty is skipped (records without captions, like nocaps test, are kept);
+    a missing, zero-byte, truncated or unreadable image skips the record with the reason.
+    Grayscale, CMYK, alpha and EXIF-rotated images are stored as upright RGB JPEGs (reported as
+    normalised). Returns the marker: the shard entry (None when every record was skipped), the
+    skipped and normalised lists and the kept train captions.
+    """
+    rows, skipped, normalised = [], [], []
+    for r in plan.records:
+        where = {"image_id": r.image_id, "split": r.split, "file": r.file_name}
+        captions = [c.strip() for c in r.captions]
+        for i, c in enumerate(captions):
+            if not c:
+                skipped.append(
+                    where | {"caption_index": i, "reason": "empty or whitespace caption"}
+                )
+        kept_captions = [c for c in captions if c]
+        if captions and not kept_captions:
+            skipped.append(where | {"reason": "no non-empty captions"})
+            continue
+        try:
+            data, width, height, change = validate_image_bytes(_read_image_file(r.path))
+        except ValueError as e:
+            skipped.append(where | {"reason": str(e)})
+            continue
+        if change:
+            normalised.append(where | {"change": change})
+        rows.append(
+            {
+                "image_id": r.image_id,
+                "split": r.split,
+                "image": data,
+                "width": width,
+                "height": height,
+                "captions": kept_captions,
+                "source": source,
+                "file_name": r.file_name,
+                "scene": None,
+                "meta": json.dumps(r.extra) if r.extra else None,
+            }
+        )
+    shard = None
+    if rows:
+        blob = shard_bytes(rows)
+        storage.write_bytes(storage.join(out, plan.name), blob)
+        shard = {
+            "file": plan.name,
+            "split": plan.split,
+            "rows": len(rows),
+            "sha256": hashlib.sha256(blob).hexdigest(),
+        }
+    marker = {
+        "shard": shard,
+        "records": len(plan.records),
+        "skipped": skipped,
+        "normalised": normalised,
+        "train_captions": [c for row in rows if row["split"] == "train" for c in row["captions"]],
+    }
+    storage.write_text(storage.join(out, PROGRESS_DIR, plan.name + ".json"), json.dumps(marker))
+    return marker
+
+
+def _serial(fn: Callable[[ShardPlan], dict], plans: list[ShardPlan]) -> Iterator[dict]:
+    for plan in plans:
+        yield fn(plan)
+
+
+def prepare_records(
+    records: list[Record],
+    out: str | Path,
+    source: str,
+    shard_rows: int = 1000,
+    min_count: int = 5,
+    info: dict[str, Any] | None = None,
+    run: Callable[[Callable[[ShardPlan], dict], list[ShardPlan]], Iterable[dict]] = _serial,
+    progress: bool = True,
+) -> Manifest:
+    """Write ``records`` as shards under ``out`` (folder or ``s3://`` prefix).
+
+    Args:
+        records: from a reader.
+        out: output folder or URI.
+        source: dataset name recorded in the shards and manifest.
+        shard_rows: records per shard (the target shard size).
+        min_count: vocabulary keeps train words seen at least this often.
+        info: extra manifest fields (where the data came from).
+        run: runs ``fn`` over the pending shard plans and yields their markers in any order
+            (the CLI passes a Ray runner; the default runs them here, one after another).
+        progress: show a progress bar.
+
+    Returns:
+        The manifest written. Shards whose completion marker exists are not rebuilt.
+    """
+    out = str(out)
+    plans = plan_shards(records, shard_rows)
+    markers: dict[str, dict] = {}
+    pending = []
+    for plan in plans:
+        marker_path = storage.join(out, PROGRESS_DIR, plan.name + ".json")
+        if storage.exists(marker_path):
+            marker = json.loads(storage.read_text(marker_path))
+            shard = marker["shard"]
+            if shard is None or storage.exists(storage.join(out, shard["file"])):
+                markers[plan.name] = marker
+                continue
+        pending.append(plan)
+    if markers:
+        logger.info("resuming: %d of %d shards already written", len(markers), len(plans))
+
+    def build(plan: ShardPlan) -> dict:
+        return build_shard(plan, out, source) | {"name": plan.name}
+
+    with tqdm(
+        total=len(plans),
+        initial=len(markers),
+        desc=f"prepare {source}",
+        unit="shard",
+        disable=not progress,
+    ) as bar:
+        for marker in run(build, pending):
+            markers[marker["name"]] = marker
+            bar.update(1)
+    ordered = [markers[p.name] for p in plans]
+    shards = [m["shard"] for m in ordered if m["shard"]]
+    counts: Counter[str] = Counter()
+    for s in shards:
+        counts[s["split"]] += s["rows"]
+    skipped = [s for m in ordered for s in m["skipped"]]
+    normalised = [n for m in ordered for n in m["normalised"]]
+    train_captions = [c for m in ordered for c in m["train_captions"]]
+    vocab_file = None
+    if train_captions:
+        Vocabulary.build(train_captions, min_count=min_count).save(storage.join(out, VOCAB_NAME))
+        vocab_file = VOCAB_NAME
+    reasons = Counter(
+        "empty or whitespace caption" if "caption_index" in s else s["reason"] for s in skipped
+    )
+    report = {
+        "source": source,
+        "records": len(records),
+        "kept": dict(counts),
+        "skipped_by_reason": dict(reasons),
+        "normalised": len(normalised),
+        "skipped": skipped,
+        "normalised_records": normalised,
+    }
+    storage.write_text(storage.join(out, REPORT_NAME), json.dumps(report, indent=1))
+    manifest = Manifest(
+        root=out if storage.is_s3(out) else Path(out),
+        source=source,
+        shards=shards,
+        counts=dict(counts),
+        vocab_file=vocab_file,
+        info=(info or {})
+        | {"vocab_min_count": min_count, "skipped": dict(reasons), "report": REPORT_NAME},
+    )
+    manifest.write()
+    logger.info(
+        "%s: %d records -> %s kept; skipped %s; %d normalised; report %s",
+        source,
+        len(records),
+        dict(counts),
+        dict(reasons),
+        len(normalised),
+        storage.join(out, REPORT_NAME),
+    )
+    return manifest

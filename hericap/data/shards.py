@@ -1,10 +1,12 @@
 """The Parquet shard format shared by every dataset, and its manifest.
 
 One row per image: ``image_id``, ``split``, ``image`` (encoded bytes, JPEG as shipped),
-``width``, ``height``, ``captions`` (list of strings), ``source`` (dataset name), ``file_name``
-and ``scene`` (JSON of the true scene for synthetic data, null otherwise). Shards are written per
-split (``<split>-00000.parquet``); ``manifest.json`` lists them with row counts and SHA-256
-checksums, the counts per split, the source, and the vocabulary file built from train captions.
+``width``, ``height``, ``captions`` (list of strings), ``source`` (dataset name), ``file_name``,
+``scene`` (JSON of the true scene for synthetic data, null otherwise) and ``meta`` (JSON of the
+source's own fields, e.g. nocaps' ``domain`` or the Karpathy split name; null for synthetic).
+Shards are written per split (``<split>-00000.parquet``); ``manifest.json`` lists them with row
+counts and SHA-256 checksums, the counts per split, the source, and the vocabulary file built
+from train captions. The root may be a folder or an ``s3://`` prefix.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from hericap.data import storage
+
 __all__ = [
     "MANIFEST_NAME",
     "SHARD_SCHEMA",
@@ -29,13 +33,14 @@ __all__ = [
     "ShardWriter",
     "read_manifest",
     "read_rows",
+    "shard_bytes",
 ]
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 VOCAB_NAME = "vocab.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -48,6 +53,7 @@ SHARD_SCHEMA = pa.schema(
         pa.field("source", pa.string(), nullable=False),
         pa.field("file_name", pa.string()),
         pa.field("scene", pa.string()),
+        pa.field("meta", pa.string()),
     ]
 )
 
@@ -58,6 +64,17 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def shard_bytes(rows: list[dict[str, Any]]) -> bytes:
+    """One Parquet shard of ``rows`` (the shard schema) as bytes."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), sink)
+    return sink.getvalue().to_pybytes()
+
+
+def _location(root: str | Path, name: str) -> str | Path:
+    return storage.join(root, name) if storage.is_s3(root) else Path(root) / name
 
 
 class ShardWriter:
@@ -101,16 +118,16 @@ class ShardWriter:
 class Manifest:
     """What a shard folder holds."""
 
-    root: Path
+    root: Path | str  # a folder, or an s3:// URI
     source: str
     shards: list[dict[str, Any]]
     counts: dict[str, int]
     vocab_file: str | None
     info: dict[str, Any]
 
-    def files(self, split: str) -> list[Path]:
-        """Shard paths of one split."""
-        files = [self.root / s["file"] for s in self.shards if s["split"] == split]
+    def files(self, split: str) -> list[Path | str]:
+        """Shard paths (or URIs) of one split."""
+        files = [_location(self.root, s["file"]) for s in self.shards if s["split"] == split]
         if not files:
             raise ValueError(
                 f"no shards for split '{split}' in {self.root}; splits present: "
@@ -119,10 +136,10 @@ class Manifest:
         return files
 
     @property
-    def vocab_path(self) -> Path:
+    def vocab_path(self) -> Path | str:
         if not self.vocab_file:
-            raise FileNotFoundError(f"{self.root / MANIFEST_NAME} names no vocabulary")
-        return self.root / self.vocab_file
+            raise FileNotFoundError(f"{_location(self.root, MANIFEST_NAME)} names no vocabulary")
+        return _location(self.root, self.vocab_file)
 
     def write(self) -> None:
         body = {
@@ -134,21 +151,20 @@ class Manifest:
             "vocab": self.vocab_file,
             "info": self.info,
         }
-        tmp = self.root / (MANIFEST_NAME + ".tmp")
-        tmp.write_text(json.dumps(body, indent=1))
-        tmp.replace(self.root / MANIFEST_NAME)
+        storage.write_text(_location(self.root, MANIFEST_NAME), json.dumps(body, indent=1))
 
 
 def read_manifest(root: str | Path, verify: bool = False) -> Manifest:
-    """Read ``manifest.json`` of a shard folder; ``verify`` re-checks every checksum."""
-    root = Path(root)
-    path = root / MANIFEST_NAME
-    if not path.is_file():
+    """Read ``manifest.json`` of a shard folder or ``s3://`` prefix; ``verify`` re-checks every
+    checksum."""
+    root = root if storage.is_s3(root) else Path(root)
+    path = _location(root, MANIFEST_NAME)
+    if not storage.exists(path):
         raise FileNotFoundError(
             f"no {MANIFEST_NAME} in {root}: prepare the dataset first "
             "(e.g. `hericap prepare synthetic --out DIR`)"
         )
-    body = json.loads(path.read_text())
+    body = json.loads(storage.read_text(path))
     if body.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{path} has shard format {body.get('format_version')}, this HeriCap reads "
@@ -164,9 +180,10 @@ def read_manifest(root: str | Path, verify: bool = False) -> Manifest:
     )
     if verify:
         for s in manifest.shards:
-            digest = _sha256(root / s["file"])
+            location = _location(root, s["file"])
+            digest = hashlib.sha256(storage.read_bytes(location)).hexdigest()
             if digest != s["sha256"]:
-                raise RuntimeError(f"checksum mismatch for {root / s['file']}: shard corrupted")
+                raise RuntimeError(f"checksum mismatch for {location}: shard corrupted")
     return manifest
 
 
@@ -174,5 +191,6 @@ def read_rows(files: Iterable[str | Path], columns: list[str] | None = None) -> 
     """All rows of some shards as dicts (small splits, tests and evaluation references)."""
     rows: list[dict] = []
     for f in files:
-        rows.extend(pq.read_table(f, columns=columns).to_pylist())
+        fs, path = storage.filesystem(f)
+        rows.extend(pq.read_table(path, columns=columns, filesystem=fs).to_pylist())
     return rows

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from hericap.data import storage
 from hericap.data.ptb import ptb_tokens
 
 __all__ = ["SPECIAL_TOKENS", "Vocabulary", "tokenize"]
@@ -97,11 +98,12 @@ class Vocabulary:
         return cls(itos[len(SPECIAL_TOKENS) :], min_count=d.get("min_count", 1))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=0))
+        """Write ``vocab.json`` (a local path or an ``s3://`` URI)."""
+        storage.write_text(path, json.dumps(self.to_dict(), indent=0))
 
     @classmethod
     def load(cls, path: str | Path) -> Vocabulary:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"vocabulary file not found: {p}")
-        return cls.from_dict(json.loads(p.read_text()))
+        """Read a vocabulary written by :meth:`save` (local path or ``s3://`` URI)."""
+        if not storage.exists(path):
+            raise FileNotFoundError(f"vocabulary not found: {path}")
+        return cls.from_dict(json.loads(storage.read_text(path)))

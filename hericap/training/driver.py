@@ -80,6 +80,8 @@ def ensure_shards(cfg: Config) -> Manifest:
             logger.info("synthetic shards in %s differ from the config; regenerating", root)
         except FileNotFoundError:
             pass
+        except ValueError as e:  # an older shard format
+            logger.info("%s; regenerating the synthetic shards", e)
         return PREPARERS["synthetic"](
             root,
             num_train=ds.synthetic_train,
