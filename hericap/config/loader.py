@@ -144,28 +144,23 @@ def _merge(base, update, where: str):
         raise ConfigError(f"{where}: bad value for '{key}'{type_hint}: {reason}") from e
 
 
-def _preset_tree(name: str) -> dict[str, Any]:
-    """A preset's keys (without ``extends``), each checked against the schema."""
-    text = resources.files(_PRESET_PACKAGE).joinpath(f"{name}.yaml").read_text()
-    tree = OmegaConf.to_container(OmegaConf.create(text)) or {}
-    tree.pop("extends", None)
-    for key in _flatten(tree):
-        _check_key(key, where=f"preset '{name}'")
-    return tree
-
-
-def _preset_chain(name: str) -> list[str]:
-    """``name`` and the presets it ``extends``, base first."""
-    chain: list[str] = []
+def _preset_chain(name: str) -> list[tuple[str, dict[str, Any]]]:
+    """``name`` and the presets it ``extends``, base first, each as ``(name, keys)`` with its
+    keys (without ``extends``) checked against the schema. Each file is read once."""
+    chain: list[tuple[str, dict[str, Any]]] = []
     presets = list_presets()
     while name:
         if name not in presets:
             raise ConfigError(f"unknown preset '{name}'; available presets: {presets}")
-        if name in chain:
-            raise ConfigError(f"preset '{name}' extends itself: {[*chain, name]}")
-        chain.append(name)
+        if any(name == n for n, _ in chain):
+            raise ConfigError(f"preset '{name}' extends itself: {[*(n for n, _ in chain), name]}")
         text = resources.files(_PRESET_PACKAGE).joinpath(f"{name}.yaml").read_text()
-        name = (OmegaConf.to_container(OmegaConf.create(text)) or {}).get("extends")
+        tree = OmegaConf.to_container(OmegaConf.create(text)) or {}
+        parent = tree.pop("extends", None)
+        for key in _flatten(tree):
+            _check_key(key, where=f"preset '{name}'")
+        chain.append((name, tree))
+        name = parent
     return chain[::-1]
 
 
@@ -198,12 +193,9 @@ def load_config(
         cfg = OmegaConf.structured(base)
     else:
         preset = preset or Config.preset
-        presets = list_presets()
-        if preset not in presets:
-            raise ConfigError(f"unknown preset '{preset}'; available presets: {presets}")
         cfg = OmegaConf.structured(Config)
-        for name in _preset_chain(preset):
-            cfg = _merge(cfg, _preset_tree(name), where=f"preset '{name}'")
+        for name, tree in _preset_chain(preset):
+            cfg = _merge(cfg, tree, where=f"preset '{name}'")
         cfg.preset = preset
 
     for key, _ in parsed:

@@ -7,6 +7,7 @@ Shards are read with ``ray.data.read_parquet``; images are decoded and resized o
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -73,9 +74,10 @@ def shard_dataset(
         concurrency: decode tasks at once (None: Ray decides).
         keep_ids: keep only these image ids (the ``dataset.overfit`` subset, eval limits).
     """
-    fs, _ = storage.filesystem(files[0])
-    paths = [storage.filesystem(f)[1] for f in files]
-    ds = ray.data.read_parquet(paths, columns=list(columns), filesystem=fs)
+    located = [storage.filesystem(f) for f in files]  # one split: all local or all on S3
+    ds = ray.data.read_parquet(
+        [path for _, path in located], columns=list(columns), filesystem=located[0][0]
+    )
     if shuffle:
         ds = ds.randomize_block_order()
     return ds.map_batches(
@@ -97,10 +99,9 @@ def run_on_ray(fn, items: Sequence, num_cpus: float = 1.0, max_in_flight: int = 
         return
     task = ray.remote(num_cpus=num_cpus)(fn)
     limit = max_in_flight or max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
-    queue = list(items)
-    in_flight = [task.remote(queue.pop(0)) for _ in range(min(limit, len(queue)))]
+    pending = iter(items)
+    in_flight = [task.remote(item) for item in itertools.islice(pending, limit)]
     while in_flight:
         done, in_flight = ray.wait(in_flight, num_returns=1)
         yield ray.get(done[0])
-        if queue:
-            in_flight.append(task.remote(queue.pop(0)))
+        in_flight.extend(task.remote(item) for item in itertools.islice(pending, 1))

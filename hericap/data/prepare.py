@@ -11,7 +11,6 @@ Outputs go to a folder or an ``s3://`` prefix. Nothing here imports Ray.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections import Counter
@@ -24,7 +23,7 @@ from tqdm import tqdm
 
 from hericap.data import storage, synthetic
 from hericap.data.readers import Record
-from hericap.data.shards import VOCAB_NAME, Manifest, ShardWriter, shard_bytes
+from hericap.data.shards import VOCAB_NAME, Manifest, ShardWriter, write_shard
 from hericap.data.text import Vocabulary
 from hericap.data.transforms import validate_image_bytes
 
@@ -205,16 +204,7 @@ def build_shard(plan: ShardPlan, out: str, source: str) -> dict[str, Any]:
                 "meta": json.dumps(r.extra) if r.extra else None,
             }
         )
-    shard = None
-    if rows:
-        blob = shard_bytes(rows)
-        storage.write_bytes(storage.join(out, plan.name), blob)
-        shard = {
-            "file": plan.name,
-            "split": plan.split,
-            "rows": len(rows),
-            "sha256": hashlib.sha256(blob).hexdigest(),
-        }
+    shard = write_shard(out, plan.name, plan.split, rows) if rows else None
     marker = {
         "shard": shard,
         "records": len(plan.records),
@@ -262,14 +252,18 @@ def prepare_records(
     markers: dict[str, dict] = {}
     pending = []
     for plan in plans:
-        marker_path = storage.join(out, PROGRESS_DIR, plan.name + ".json")
-        if storage.exists(marker_path):
-            marker = json.loads(storage.read_text(marker_path))
-            shard = marker["shard"]
-            if shard is None or storage.exists(storage.join(out, shard["file"])):
-                markers[plan.name] = marker
-                continue
-        pending.append(plan)
+        try:
+            marker = json.loads(
+                storage.read_text(storage.join(out, PROGRESS_DIR, plan.name + ".json"))
+            )
+        except FileNotFoundError:
+            pending.append(plan)
+            continue
+        shard = marker["shard"]
+        if shard is None or storage.exists(storage.join(out, shard["file"])):
+            markers[plan.name] = marker
+        else:
+            pending.append(plan)
     if markers:
         logger.info("resuming: %d of %d shards already written", len(markers), len(plans))
 
@@ -298,9 +292,7 @@ def prepare_records(
     if train_captions:
         Vocabulary.build(train_captions, min_count=min_count).save(storage.join(out, VOCAB_NAME))
         vocab_file = VOCAB_NAME
-    reasons = Counter(
-        "empty or whitespace caption" if "caption_index" in s else s["reason"] for s in skipped
-    )
+    reasons = Counter(s["reason"] for s in skipped)
     report = {
         "source": source,
         "records": len(records),

@@ -33,7 +33,7 @@ __all__ = [
     "ShardWriter",
     "read_manifest",
     "read_rows",
-    "shard_bytes",
+    "write_shard",
 ]
 
 logger = logging.getLogger(__name__)
@@ -58,19 +58,21 @@ SHARD_SCHEMA = pa.schema(
 )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def shard_bytes(rows: list[dict[str, Any]]) -> bytes:
-    """One Parquet shard of ``rows`` (the shard schema) as bytes."""
+def write_shard(
+    out: str | Path, name: str, split: str, rows: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Write ``rows`` (the shard schema) as shard ``name`` under ``out`` (folder or ``s3://``
+    prefix), whole or not at all; returns its manifest entry (file, split, rows, SHA-256)."""
     sink = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), sink)
-    return sink.getvalue().to_pybytes()
+    blob = sink.getvalue().to_pybytes()
+    storage.write_bytes(storage.join(out, name), blob)
+    return {
+        "file": name,
+        "split": split,
+        "rows": len(rows),
+        "sha256": hashlib.sha256(blob).hexdigest(),
+    }
 
 
 def _location(root: str | Path, name: str) -> str | Path:
@@ -99,14 +101,7 @@ class ShardWriter:
         if not self._rows:
             return
         name = f"{self.split}-{len(self.shards):05d}.parquet"
-        path = self.out_dir / name
-        table = pa.Table.from_pylist(self._rows, schema=SHARD_SCHEMA)
-        tmp = path.with_suffix(".parquet.tmp")
-        pq.write_table(table, tmp)
-        tmp.replace(path)  # a shard is either complete or absent
-        self.shards.append(
-            {"file": name, "split": self.split, "rows": len(self._rows), "sha256": _sha256(path)}
-        )
+        self.shards.append(write_shard(self.out_dir, name, self.split, self._rows))
         self._rows = []
 
     def close(self) -> list[dict[str, Any]]:
@@ -159,12 +154,13 @@ def read_manifest(root: str | Path, verify: bool = False) -> Manifest:
     checksum."""
     root = root if storage.is_s3(root) else Path(root)
     path = _location(root, MANIFEST_NAME)
-    if not storage.exists(path):
+    try:
+        body = json.loads(storage.read_text(path))
+    except FileNotFoundError as e:
         raise FileNotFoundError(
             f"no {MANIFEST_NAME} in {root}: prepare the dataset first "
             "(e.g. `hericap prepare synthetic --out DIR`)"
-        )
-    body = json.loads(storage.read_text(path))
+        ) from e
     if body.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{path} has shard format {body.get('format_version')}, this HeriCap reads "

@@ -104,6 +104,8 @@ class Vocabulary:
     @classmethod
     def load(cls, path: str | Path) -> Vocabulary:
         """Read a vocabulary written by :meth:`save` (local path or ``s3://`` URI)."""
-        if not storage.exists(path):
-            raise FileNotFoundError(f"vocabulary not found: {path}")
-        return cls.from_dict(json.loads(storage.read_text(path)))
+        try:
+            text = storage.read_text(path)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"vocabulary not found: {path}") from e
+        return cls.from_dict(json.loads(text))

@@ -62,12 +62,7 @@ def build_captioner(
             layer_type=model.grid_layer_type,
         )
     if model.use_reg_feat:
-        det = model.detector
-        if det.num_levels > len(extractor.channels):
-            raise ValueError(
-                f"model.detector.num_levels={det.num_levels} but the extractor gives "
-                f"{len(extractor.channels)} maps"
-            )
+        det = model.detector  # Config.validate checks num_levels against the maps
         region = RegionEncoder(
             in_channels=extractor.channels[-det.num_levels :],
             d_model=det.d_model,
@@ -95,10 +90,6 @@ def build_captioner(
             dropout=model.dropout,
         )
     memory_names = [n for n, m in (("grid", grid), ("region", region), ("global", glob)) if m]
-    if not memory_names:
-        raise ValueError(
-            "at least one of model.use_gri_feat / use_reg_feat / use_glob_feat must be True"
-        )
     decoder = HierarchicalDecoder(
         vocab_size=vocab_size,
         memory_names=memory_names,

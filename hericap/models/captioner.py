@@ -86,9 +86,9 @@ class Captioner(nn.Module):
 
     @property
     def memory_names(self) -> list[str]:
-        names = [("grid", self.grid_encoder), ("region", self.region_encoder)]
-        names.append(("global", self.global_encoder))
-        return [n for n, m in names if m is not None]
+        encoders = {"grid": self.grid_encoder, "region": self.region_encoder}
+        encoders["global"] = self.global_encoder
+        return [name for name, enc in encoders.items() if enc is not None]
 
     def encode_all(self, images: torch.Tensor) -> Encoded:
         """``images [B, 3, H, W]`` (normalised) -> memories plus what explanations need."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,15 +116,22 @@ def load_detector_checkpoint(
     raw = torch.load(p, map_location="cpu", weights_only=True)
     state = raw.get("model", raw) if isinstance(raw, dict) else raw
     mapped, dropped = map_grit_detector_keys(state, num_stages)
-    region_on = getattr(model, "region_encoder", None) is not None
-    skipped = []
-    if not region_on:
-        skipped = sorted(k for k in mapped if k.startswith("region_encoder."))
-        for k in skipped:
-            del mapped[k]
-    prefixes = ("extractor.", "region_encoder.")
-    expected = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
-    # the extractor's timm buffers that are not state (attention masks) never appear here
+    branches = {"extractor": model.extractor}
+    if getattr(model, "region_encoder", None) is not None:
+        branches["region_encoder"] = model.region_encoder
+    # with the region branch off, its detector keys have nowhere to go (reported, not loaded)
+    skipped = (
+        []
+        if "region_encoder" in branches
+        else sorted(k for k in mapped if k.startswith("region_encoder."))
+    )
+    for k in skipped:
+        del mapped[k]
+    expected = {
+        f"{name}.{k}": v
+        for name, branch in branches.items()
+        for k, v in branch.state_dict().items()
+    }
     diff = diff_state(expected, mapped)
     if not diff.clean and not allow_partial:
         raise RuntimeError(
@@ -132,13 +140,15 @@ def load_detector_checkpoint(
         )
     bad = {k for k, *_ in diff.mismatched}
     loadable = {k: v for k, v in mapped.items() if k in expected and k not in bad}
-    model.load_state_dict(loadable, strict=False)
+    for name, branch in branches.items():
+        sub = {
+            k.removeprefix(name + "."): v for k, v in loadable.items() if k.startswith(name + ".")
+        }
+        # strict unless the user opted into partial loading (and that is logged below)
+        branch.load_state_dict(sub, strict=diff.clean)
     if not diff.clean:
         logger.warning("detector checkpoint %s loaded partially: %s", p, diff.describe())
-    reasons: dict[str, int] = {}
-    for why in dropped.values():
-        reasons[why] = reasons.get(why, 0) + 1
-    for why, count in reasons.items():
+    for why, count in Counter(dropped.values()).items():
         logger.info("detector checkpoint %s: skipped %d keys (%s)", p, count, why)
     if skipped:
         logger.warning(

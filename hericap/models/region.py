@@ -282,12 +282,14 @@ class RegionEncoder(nn.Module):
         )
         self.reference_points = nn.Linear(d_model, 2)
         self.query_embed = nn.Embedding(n_queries, 2 * d_model)
-        n_heads_out = n_layers + 1 if with_box_refine else 1
-        self.class_embed = nn.ModuleList(nn.Linear(d_model, n_classes) for _ in range(n_heads_out))
+        n_predictions = n_layers + 1 if with_box_refine else 1
+        self.class_embed = nn.ModuleList(
+            nn.Linear(d_model, n_classes) for _ in range(n_predictions)
+        )
         prior = 0.01  # focal-loss prior of the detector's class heads
         for head in self.class_embed:
             nn.init.constant_(head.bias, -math.log((1 - prior) / prior))
-        self.bbox_embed = nn.ModuleList(BoxHead(d_model) for _ in range(n_heads_out))
+        self.bbox_embed = nn.ModuleList(BoxHead(d_model) for _ in range(n_predictions))
         if with_box_refine:
             nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
         self.d_model, self.n_levels, self.with_box_refine = d_model, n_levels, with_box_refine
