@@ -229,10 +229,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_model(args: argparse.Namespace) -> int:
     """Build the configured model on CPU and print its branches and parameter counts."""
+    from hericap.data.transforms import resize_spec
     from hericap.models.builder import build_captioner, format_parameter_summary
 
     cfg = load_config(args.overrides)
-    model = build_captioner(cfg.model, args.vocab_size, cfg.dataset.image_size)
+    model = build_captioner(cfg.model, args.vocab_size, resize_spec(cfg.dataset).model_size)
     print(
         f"preset {cfg.preset}: memories {model.memory_names}, fusion "
         f"{cfg.model.cap_generator.decoder_name}, grid layers {cfg.model.grid_layer_type}"

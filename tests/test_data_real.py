@@ -318,7 +318,7 @@ def test_ray_data_streams_shards_from_s3(moto_server, ray_cluster, tmp_path):
     ann = _flickr_folder(tmp_path / "flickr8K")
     records = read_karpathy(ann, tmp_path / "flickr8K" / "images", "flickr8k")
     m = prepare_records(records, "s3://stream/f8k", "flickr8k", shard_rows=2, progress=False)
-    ds = shard_dataset(m.files("train"), image_size=16)
+    ds = shard_dataset(m.files("train"), resize=16)
     batches = list(ds.iter_batches(batch_size=10, batch_format="numpy"))
     images = np.concatenate([b["image"] for b in batches])
     assert images.shape == (4, 16, 16, 3)

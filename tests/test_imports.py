@@ -11,6 +11,7 @@ RAY_FREE = [
     "hericap.data.shards",
     "hericap.data.text",
     "hericap.data.transforms",
+    "hericap.data.augment",
     "hericap.data.prepare",
     "hericap.models",
     "hericap.evaluation.coco_metrics",

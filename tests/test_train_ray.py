@@ -140,6 +140,8 @@ def test_xe_then_scst_run_records_the_reward_setting(ray_cluster, tiny_shards, t
     outcome = train(cfg)
     # 32 images / (2 workers x 8) = 2 steps per epoch: one XE epoch, then one SCST epoch
     assert [h["phase"] for h in outcome.history] == ["xe", "sc"]
+    # even per-worker shards: both workers took every step of both epochs
+    assert all(h["worker_steps_min"] == h["worker_steps_max"] == 2 for h in outcome.history)
     sc = outcome.history[1]
     assert sc["step"] == 4 and sc["sc_baseline"] == "leave_one_out" and sc["sc_include_eos"]
     assert sc["train_reward"] >= 0.0 and sc["lr"] == pytest.approx(1e-4)
@@ -166,6 +168,12 @@ def test_full_model_family_trains_under_ddp_without_unused_parameters(
             "dataset.vocab_min_count=1",
             "dataset.max_val_images=16",
             "model.grid_layer_type=routing",
+            # the paper's pipeline at toy sizes: aspect-kept resize onto padded canvases, and
+            # training augmentation
+            "dataset.resize=max_side",
+            "dataset.min_size=48",
+            "dataset.max_size=80",
+            "dataset.augment=randaugment",
             "model.cap_generator.decoder_name=Concatenated_Sequential",
             "optimizer.batch_size=8",
             "optimizer.max_steps=3",

@@ -23,6 +23,8 @@ __all__ = [
 ]
 
 SPLITS = ("train", "val", "test")
+RESIZE_MODES = ("square", "max_side")
+AUGMENTATIONS = ("none", "randaugment")
 
 
 @dataclass
@@ -63,7 +65,17 @@ class DatasetConfig:
     # Train on a small fixed subset, with val = that same subset (debugging, as in the seed).
     overfit: bool = False
     overfit_size: int = 64
+    # Resize: "square" (image_size x image_size; tiny presets) or "max_side" (the paper's rule:
+    # aspect kept, short side <= min_size and long side <= max_size, padded with the mean).
+    resize: str = "square"
     image_size: int = 64
+    min_size: int = 384
+    max_size: int = 640
+    # Training augmentation, off for val/test: "none" or "randaugment" (caption-safe ops:
+    # no flips, no colour changes; hericap.data.augment).
+    augment: str = "none"
+    randaugment_ops: int = 2
+    randaugment_magnitude: float = 5.0
     vocab_min_count: int = 5
     max_caption_len: int = 20
     # Synthetic dataset sizes and seed (ignored for other datasets).
@@ -273,6 +285,16 @@ class Config:
             raise ValueError(
                 f"optimizer.sc_num_sequences={opt.sc_num_sequences} must be >= {min_sequences} "
                 f"for the {opt.sc_baseline} baseline"
+            )
+        ds = self.dataset
+        if ds.resize not in RESIZE_MODES:
+            raise ValueError(f"dataset.resize={ds.resize!r}; known: {list(RESIZE_MODES)}")
+        if ds.augment not in AUGMENTATIONS:
+            raise ValueError(f"dataset.augment={ds.augment!r}; known: {list(AUGMENTATIONS)}")
+        if min(ds.image_size, ds.min_size, ds.max_size) < 1 or ds.min_size > ds.max_size:
+            raise ValueError(
+                f"dataset.image_size={ds.image_size}, min_size={ds.min_size} and max_size="
+                f"{ds.max_size} must be >= 1 with min_size <= max_size"
             )
         if self.decode.test_beam_size < 1 or self.decode.val_beam_size < 1:
             raise ValueError("decode.val_beam_size and decode.test_beam_size must be >= 1")

@@ -17,7 +17,8 @@ import ray
 import ray.data
 
 from hericap.data import storage
-from hericap.data.transforms import decode_image
+from hericap.data.augment import RandAugment
+from hericap.data.transforms import ResizeSpec, load_image, resize_to_canvas
 
 __all__ = ["decode_batch", "run_on_ray", "shard_dataset"]
 
@@ -27,62 +28,90 @@ TRAIN_COLUMNS = ["image_id", "image", "captions"]
 
 
 def decode_batch(
-    batch: dict[str, np.ndarray], image_size: int, keep_ids: frozenset[str] | None = None
+    batch: dict[str, np.ndarray],
+    resize: ResizeSpec,
+    augment: RandAugment | None = None,
+    keep_ids: frozenset[str] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Decode ``image`` bytes to ``uint8 [B, S, S, 3]``; unreadable images are dropped, logged.
+    """Decode ``image`` bytes to ``uint8 [B, H, W, 3]`` canvases plus ``image_hw`` ``[B, 2]``
+    (each image's real height and width on its canvas); unreadable images are dropped, logged.
 
-    ``keep_ids`` keeps only those rows (filtered before decoding).
+    ``augment`` is applied after decoding and before resizing (fresh randomness per call, so
+    per epoch); ``keep_ids`` keeps only those rows (filtered before decoding).
     """
-    images, keep = [], []
+    rng = np.random.default_rng() if augment is not None else None
+    images, sizes, keep = [], [], []
     for i, data in enumerate(batch["image"]):
         if keep_ids is not None and batch["image_id"][i] not in keep_ids:
             continue
         try:
-            images.append(decode_image(data, image_size))
-            keep.append(i)
+            im = load_image(data)
         except ValueError as e:
             logger.warning("skipping image %s: %s", batch["image_id"][i], e)
+            continue
+        if augment is not None:
+            im = augment(im, rng)
+        canvas, size = resize_to_canvas(im, resize)
+        images.append(canvas)
+        sizes.append(size)
+        keep.append(i)
     out = {k: v[keep] for k, v in batch.items() if k not in ("image", "captions")}
     if "captions" in batch:
         # Lists of str (not arrays of str) so Arrow stores them as list<string> columns.
         captions = np.empty(len(keep), dtype=object)
         captions[:] = [[str(c) for c in batch["captions"][i]] for i in keep]
         out["captions"] = captions
-    out["image"] = (
-        np.stack(images) if images else np.zeros((0, image_size, image_size, 3), dtype=np.uint8)
-    )
+    out["image"] = np.stack(images) if images else np.zeros((0, *resize.canvas, 3), dtype=np.uint8)
+    out["image_hw"] = np.asarray(sizes, dtype=np.int32).reshape(-1, 2)
     return out
 
 
 def shard_dataset(
     files: Sequence[str | Path],
-    image_size: int,
+    resize: ResizeSpec | int,
     shuffle: bool = False,
     columns: Sequence[str] = TRAIN_COLUMNS,
     decode_batch_size: int = 64,
     concurrency: int | None = None,
     keep_ids: frozenset[str] | None = None,
+    augment: RandAugment | None = None,
 ) -> ray.data.Dataset:
     """Decoded images (+ the other ``columns``) of some shards as a Ray Dataset.
 
     Args:
         files: shard paths (one split).
-        image_size: square side images are resized to.
+        resize: how images are resized (an int: square side).
         shuffle: randomise block order at each execution (train).
-        columns: shard columns to read (``image`` is replaced by the decoded array).
+        columns: shard columns to read (``image`` is replaced by the decoded array, and
+            ``image_hw`` added).
         decode_batch_size: rows per ``map_batches`` call.
         concurrency: decode tasks at once (None: Ray decides).
         keep_ids: keep only these image ids (the ``dataset.overfit`` subset, eval limits).
+        augment: training augmentation (None for val/test).
     """
+    if isinstance(resize, int):
+        resize = ResizeSpec(size=resize)
     located = [storage.filesystem(f) for f in files]  # one split: all local or all on S3
-    ds = ray.data.read_parquet(
-        [path for _, path in located], columns=list(columns), filesystem=located[0][0]
-    )
+    # Ray 2.60's default Parquet reader (datasource V2) packs small files into one block, and a
+    # block is decoded by one task: 600 images in 4 files decoded on one core (55 images/s vs 96
+    # on 2 cores, benchmarks/bench_data.py). The V1 reader keeps a block per file and splits
+    # further to ``override_num_blocks``, so every decode task slot has work.
+    ctx = ray.data.DataContext.get_current()
+    previous, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    try:
+        ds = ray.data.read_parquet(
+            [path for _, path in located],
+            columns=list(columns),
+            filesystem=located[0][0],
+            override_num_blocks=max(len(files), 2 * concurrency) if concurrency else None,
+        )
+    finally:
+        ctx.use_datasource_v2 = previous
     if shuffle:
         ds = ds.randomize_block_order()
     return ds.map_batches(
         decode_batch,
-        fn_kwargs={"image_size": image_size, "keep_ids": keep_ids},
+        fn_kwargs={"resize": resize, "augment": augment, "keep_ids": keep_ids},
         batch_size=decode_batch_size,
         batch_format="numpy",
         compute=ray.data.TaskPoolStrategy(size=concurrency) if concurrency else None,

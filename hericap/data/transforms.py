@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+if TYPE_CHECKING:
+    from hericap.config.schema import DatasetConfig
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "MEAN_RGB",
+    "ResizeSpec",
+    "crop_batch",
     "decode_image",
+    "load_image",
     "normalize_images",
+    "resize_spec",
+    "resize_to_canvas",
     "to_rgb_upright",
     "validate_image_bytes",
 ]
@@ -67,20 +78,120 @@ def validate_image_bytes(data: bytes, quality: int = 95) -> tuple[bytes, int, in
     return out.getvalue(), fixed.width, fixed.height, ", ".join(changes)
 
 
-def decode_image(data: bytes, image_size: int) -> np.ndarray:
-    """Decode encoded image bytes to an upright RGB ``uint8`` array of ``image_size``².
+# The ImageNet mean as uint8: padding with it is zero after normalisation.
+MEAN_RGB = tuple(round(255 * m) for m in IMAGENET_MEAN)
+
+
+@dataclass(frozen=True)
+class ResizeSpec:
+    """How images are resized before the model sees them.
+
+    * ``square``: every image becomes ``size`` × ``size`` (tiny presets, synthetic data).
+    * ``max_side``: the paper's rule (GRIT): keep the aspect ratio and scale so that the short side
+      is at most ``min_size`` and the long side at most ``max_size`` (384 and 640), never
+      upscaling past either. The result is padded with the ImageNet mean onto a
+      ``max_size`` × ``max_size`` canvas (landscape and portrait both fit), so a batch is one
+      array; the real height and width travel next to it and :func:`crop_batch` trims the batch
+      back to what its largest image needs.
+    """
+
+    mode: str = "square"
+    size: int = 64
+    min_size: int = 384
+    max_size: int = 640
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("square", "max_side"):
+            raise ValueError(f"resize mode must be 'square' or 'max_side', got {self.mode!r}")
+        if min(self.size, self.min_size, self.max_size) <= 0 or self.min_size > self.max_size:
+            raise ValueError(f"bad resize sizes in {self}")
+
+    @property
+    def canvas(self) -> tuple[int, int]:
+        """``(height, width)`` of the arrays the pipeline emits."""
+        side = self.size if self.mode == "square" else self.max_size
+        return side, side
+
+    @property
+    def model_size(self) -> int | tuple[int, int]:
+        """The input size a model is built for (it accepts any size; this sets its defaults)."""
+        return self.size if self.mode == "square" else (self.min_size, self.max_size)
+
+    def target_size(self, width: int, height: int) -> tuple[int, int]:
+        """``(width, height)`` an image of that size is resized to."""
+        if self.mode == "square":
+            return self.size, self.size
+        short, long = min(width, height), max(width, height)
+        scale = min(self.min_size / short, self.max_size / long)
+        return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def resize_spec(dataset: DatasetConfig) -> ResizeSpec:
+    """The :class:`ResizeSpec` of a run's ``dataset.*`` keys."""
+    return ResizeSpec(
+        mode=dataset.resize,
+        size=dataset.image_size,
+        min_size=dataset.min_size,
+        max_size=dataset.max_size,
+    )
+
+
+def load_image(data: bytes) -> Image.Image:
+    """Encoded image bytes -> upright RGB PIL image.
 
     Raises:
         ValueError: the bytes are not a readable image.
     """
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im = to_rgb_upright(im)
-            if im.size != (image_size, image_size):
-                im = im.resize((image_size, image_size), Image.Resampling.BICUBIC)
-            return np.asarray(im, dtype=np.uint8)
+        im = Image.open(io.BytesIO(data))  # in memory: nothing to close
+        im.load()
+        return to_rgb_upright(im)
     except (OSError, Image.DecompressionBombError, SyntaxError) as e:
         raise ValueError(f"not a readable image ({len(data)} bytes): {e}") from e
+
+
+def resize_to_canvas(im: Image.Image, spec: ResizeSpec) -> tuple[np.ndarray, tuple[int, int]]:
+    """Resize ``im`` by ``spec`` and pad it onto the canvas (top-left).
+
+    Returns the ``uint8 [H, W, 3]`` canvas and the image's real ``(height, width)`` on it.
+    """
+    size = spec.target_size(*im.size)
+    if im.size != size:
+        im = im.resize(size, Image.Resampling.BICUBIC)
+    arr = np.asarray(im, dtype=np.uint8)
+    canvas_h, canvas_w = spec.canvas
+    if arr.shape[:2] == (canvas_h, canvas_w):
+        return arr, (canvas_h, canvas_w)
+    out = np.empty((canvas_h, canvas_w, 3), dtype=np.uint8)
+    out[:] = MEAN_RGB
+    out[: arr.shape[0], : arr.shape[1]] = arr
+    return out, arr.shape[:2]
+
+
+def decode_image(data: bytes, spec: ResizeSpec | int) -> np.ndarray:
+    """Decode encoded image bytes to an upright RGB ``uint8`` canvas (an int: a square side).
+
+    Raises:
+        ValueError: the bytes are not a readable image.
+    """
+    spec = ResizeSpec(size=spec) if isinstance(spec, int) else spec
+    return resize_to_canvas(load_image(data), spec)[0]
+
+
+def crop_batch(
+    images: np.ndarray, heights_widths: np.ndarray | None, multiple: int = 32
+) -> np.ndarray:
+    """Trim padded canvases ``[B, H, W, 3]`` to the largest real image of the batch.
+
+    ``heights_widths`` is ``[B, 2]`` (None: nothing to trim); the kept size is rounded up to
+    ``multiple`` (the model's coarsest stride) and never exceeds the canvas.
+    """
+    if heights_widths is None or len(heights_widths) == 0:
+        return images
+    h, w = np.asarray(heights_widths).max(axis=0)
+    h = min(images.shape[1], -(-int(h) // multiple) * multiple)
+    w = min(images.shape[2], -(-int(w) // multiple) * multiple)
+    return images[:, :h, :w]
 
 
 def normalize_images(

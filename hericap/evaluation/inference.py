@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from hericap.data.text import Vocabulary
-from hericap.data.transforms import normalize_images
+from hericap.data.transforms import crop_batch, normalize_images
 from hericap.models.captioner import Captioner
 from hericap.training.checkpoint import load_checkpoint
 
@@ -22,10 +22,16 @@ def caption_batch(
     max_len: int = 20,
     length_penalty: float = 0.0,
     device: torch.device | str = "cpu",
+    image_hw: np.ndarray | None = None,
 ) -> list[str]:
-    """``uint8 [B, H, W, 3]`` images -> one caption each (greedy when ``beam_size == 1``)."""
+    """``uint8 [B, H, W, 3]`` images -> one caption each (greedy when ``beam_size == 1``).
+
+    ``image_hw`` (``[B, 2]``, the real sizes on padded canvases) trims the padding the batch
+    does not need.
+    """
     if len(images) == 0:
         return []
+    images = crop_batch(images, image_hw, model.input_multiple)
     out = model.generate(
         normalize_images(images, device),
         beam_size=beam_size,
@@ -59,8 +65,8 @@ class CaptionPredictor:
         self.ckpt = load_checkpoint(checkpoint)
         self.beam_size, self.max_len, self.length_penalty = beam_size, max_len, length_penalty
 
-    def caption(self, images: np.ndarray) -> list[str]:
-        """``uint8 [B, H, W, 3]`` -> one caption per image."""
+    def caption(self, images: np.ndarray, image_hw: np.ndarray | None = None) -> list[str]:
+        """``uint8 [B, H, W, 3]`` (real sizes ``image_hw``) -> one caption per image."""
         return caption_batch(
             self.ckpt.model,
             self.ckpt.vocab,
@@ -68,10 +74,11 @@ class CaptionPredictor:
             beam_size=self.beam_size,
             max_len=self.max_len,
             length_penalty=self.length_penalty,
+            image_hw=image_hw,
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {
             "image_id": batch["image_id"],
-            "caption": np.array(self.caption(batch["image"]), dtype=object),
+            "caption": np.array(self.caption(batch["image"], batch.get("image_hw")), dtype=object),
         }

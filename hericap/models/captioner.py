@@ -83,6 +83,27 @@ class Captioner(nn.Module):
         self.region_proj = region_proj if region_proj is not None else nn.Identity()
         self.decoder = decoder
         self.bos_idx, self.eos_idx, self.pad_idx = bos_idx, eos_idx, pad_idx
+        # what the sub-modules froze themselves (frozen Swin stages, the detector's box heads):
+        # unfreezing the backbone never unfreezes these
+        self._always_frozen = {n for n, p in self.named_parameters() if not p.requires_grad}
+
+    BACKBONE_PREFIXES = ("extractor.", "region_encoder.")
+
+    def freeze_backbone(self, frozen: bool) -> int:
+        """Freeze (or unfreeze) the extractor and the region detector, the paper's "freezing"
+        phases; returns how many parameter tensors changed."""
+        changed = 0
+        for name, p in self.named_parameters():
+            if name.startswith(self.BACKBONE_PREFIXES) and name not in self._always_frozen:
+                if p.requires_grad == frozen:
+                    p.requires_grad_(not frozen)
+                    changed += 1
+        return changed
+
+    @property
+    def input_multiple(self) -> int:
+        """The coarsest feature stride: padded batches are trimmed to multiples of it."""
+        return self.extractor.reductions[-1]
 
     @property
     def memory_names(self) -> list[str]:

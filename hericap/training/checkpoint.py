@@ -22,6 +22,7 @@ from torch import nn
 from hericap.config.loader import from_dict, to_dict
 from hericap.config.schema import Config
 from hericap.data.text import Vocabulary
+from hericap.data.transforms import resize_spec
 from hericap.models.weights import load_state_dict_strict
 
 __all__ = ["LoadedCheckpoint", "load_checkpoint", "load_state_dict_strict", "save_checkpoint"]
@@ -86,7 +87,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
             )
     config = from_dict(json.loads((d / CONFIG_FILE).read_text()))
     vocab = Vocabulary.load(d / VOCAB_FILE)
-    model = build_captioner(config.model, len(vocab), config.dataset.image_size)
+    model = build_captioner(config.model, len(vocab), resize_spec(config.dataset).model_size)
     state = torch.load(d / MODEL_FILE, map_location="cpu", weights_only=True)
     load_state_dict_strict(model, state, what=f"checkpoint {d / MODEL_FILE}")
     meta = json.loads((d / META_FILE).read_text()) if (d / META_FILE).is_file() else {}

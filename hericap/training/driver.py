@@ -24,10 +24,12 @@ from ray.train.torch import TorchTrainer
 from hericap.config.loader import to_dict
 from hericap.config.schema import Config
 from hericap.data import synthetic
+from hericap.data.augment import train_augmentation
 from hericap.data.pipeline import shard_dataset
 from hericap.data.prepare import PREPARERS
 from hericap.data.shards import Manifest, read_manifest, read_rows
 from hericap.data.text import Vocabulary
+from hericap.data.transforms import resize_spec
 from hericap.training.loop import train_loop_per_worker
 
 __all__ = [
@@ -214,8 +216,11 @@ def train(cfg: Config) -> TrainOutcome:
     datasets = {
         "train": shard_dataset(
             train_files,
-            cfg.dataset.image_size,
+            resize_spec(cfg.dataset),
             shuffle=True,
+            augment=train_augmentation(
+                cfg.dataset.augment, cfg.dataset.randaugment_ops, cfg.dataset.randaugment_magnitude
+            ),
             decode_batch_size=cfg.dataset.decode_batch_size,
             concurrency=concurrency,
             keep_ids=keep_train,

@@ -18,6 +18,7 @@ from hericap.config.schema import Config
 from hericap.data.pipeline import shard_dataset
 from hericap.data.shards import read_rows
 from hericap.data.synthetic import Scene
+from hericap.data.transforms import resize_spec
 from hericap.evaluation.coco_metrics import CocoScorer
 from hericap.evaluation.inference import CaptionPredictor
 from hericap.evaluation.report import build_report
@@ -61,7 +62,7 @@ def evaluate_checkpoint(
     workers = max(1, cfg.exp.world_size)
     ds = shard_dataset(
         files,
-        cfg.dataset.image_size,
+        resize_spec(cfg.dataset),
         columns=["image_id", "image"],
         decode_batch_size=cfg.dataset.decode_batch_size,
         keep_ids=keep,

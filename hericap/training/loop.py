@@ -29,7 +29,14 @@ from torch import nn
 
 from hericap.config.loader import from_dict
 from hericap.data.text import Vocabulary
-from hericap.data.transforms import decode_image, normalize_images
+from hericap.data.transforms import (
+    ResizeSpec,
+    crop_batch,
+    load_image,
+    normalize_images,
+    resize_spec,
+    resize_to_canvas,
+)
 from hericap.evaluation.coco_metrics import cider_d
 from hericap.evaluation.inference import caption_batch
 from hericap.log import setup_logging
@@ -74,11 +81,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def _iter_val_slice(
     files: list[str],
     references: dict[str, list[str]],
-    image_size: int,
+    resize: ResizeSpec,
     batch_size: int,
     rank: int,
     world: int,
-) -> Iterator[tuple[list[str], np.ndarray]]:
+) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
     """This rank's val images (``crc32(image_id) % world == rank``), decoded, in batches.
 
     Read straight from the shards: validation is small, and a Ray Data pipeline per worker per
@@ -86,6 +93,7 @@ def _iter_val_slice(
     """
     ids: list[str] = []
     images: list[np.ndarray] = []
+    sizes: list[tuple[int, int]] = []
     for f in files:
         table = pq.read_table(f, columns=["image_id", "image"])
         for image_id, data in zip(
@@ -93,13 +101,15 @@ def _iter_val_slice(
         ):
             if image_id not in references or zlib.crc32(image_id.encode()) % world != rank:
                 continue
+            canvas, size = resize_to_canvas(load_image(data), resize)
             ids.append(image_id)
-            images.append(decode_image(data, image_size))
+            images.append(canvas)
+            sizes.append(size)
             if len(ids) == batch_size:
-                yield ids, np.stack(images)
-                ids, images = [], []
+                yield ids, np.stack(images), np.asarray(sizes)
+                ids, images, sizes = [], [], []
     if ids:
-        yield ids, np.stack(images)
+        yield ids, np.stack(images), np.asarray(sizes)
 
 
 def _validate(
@@ -107,7 +117,7 @@ def _validate(
     files: list[str],
     references: dict[str, list[str]],
     vocab: Vocabulary,
-    image_size: int,
+    resize: ResizeSpec,
     beam_size: int,
     max_len: int,
     batch_size: int,
@@ -119,8 +129,10 @@ def _validate(
     net = _unwrap(model)
     net.eval()
     mine: list[tuple[str, str]] = []
-    for ids, images in _iter_val_slice(files, references, image_size, batch_size, rank, world):
-        captions = caption_batch(net, vocab, images, beam_size, max_len, device=device)
+    for ids, images, sizes in _iter_val_slice(files, references, resize, batch_size, rank, world):
+        captions = caption_batch(
+            net, vocab, images, beam_size, max_len, device=device, image_hw=sizes
+        )
         mine.extend(zip(ids, captions, strict=True))
     gathered: list[list[tuple[str, str]]] = [mine]
     if world > 1:
@@ -152,7 +164,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(cfg.exp.torch_threads or max(1, int(cfg.exp.cpus_per_worker)))
 
     torch.manual_seed(cfg.exp.seed)  # identical initial weights on every rank
-    model = build_captioner(cfg.model, len(vocab), cfg.dataset.image_size)
+    resize = resize_spec(cfg.dataset)
+    model = build_captioner(cfg.model, len(vocab), resize.model_size)
     if rank == 0:
         logger.info("model: memories %s; %s", model.memory_names, format_parameter_summary(model))
     device = ray.train.torch.get_device()
@@ -237,7 +250,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         ):
             if n_steps >= steps_per_epoch or (opt_cfg.max_steps and step >= opt_cfg.max_steps):
                 break
-            images = normalize_images(batch["image"], device)
+            images = normalize_images(
+                crop_batch(batch["image"], batch.get("image_hw"), _unwrap(model).input_multiple),
+                device,
+            )
             if phase == "xe":
                 tokens = vocab.encode_batch(
                     pick_captions(batch["captions"], k, caption_rng),
@@ -279,10 +295,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     time.time() - run_start,
                 )
         train_time = time.time() - t0
+        steps_min = steps_max = n_steps  # per-worker steps: equal when the shards are even
         if world > 1:  # every rank reports the same mean train loss and reward
             totals = torch.tensor([loss_sum, reward_sum, float(n_steps)], dtype=torch.float64)
             dist.all_reduce(totals)
             loss_sum, reward_sum, loss_steps = totals.tolist()
+            spread = torch.tensor([n_steps, -n_steps], dtype=torch.int64)
+            dist.all_reduce(spread, op=dist.ReduceOp.MAX)
+            steps_max, steps_min = int(spread[0]), -int(spread[1])
         else:
             loss_steps = n_steps
         val_cider, n_val = _validate(
@@ -290,7 +310,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             loop_config["val_files"],
             references,
             vocab,
-            cfg.dataset.image_size,
+            resize,
             cfg.decode.val_beam_size,
             cfg.decode.max_len,
             cfg.decode.batch_size,
@@ -305,6 +325,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "train_loss": loss_sum / max(1.0, loss_steps),
             "val_CIDEr": val_cider,
             "val_images": n_val,
+            "worker_steps_min": steps_min,
+            "worker_steps_max": steps_max,
             "lr": scheduler.get_last_lr()[-1],
             **(
                 {
