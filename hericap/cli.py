@@ -227,6 +227,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Draw a run's curves from its metrics.csv / steps.csv."""
+    from hericap.training.run_logs import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
 def cmd_model(args: argparse.Namespace) -> int:
     """Build the configured model on CPU and print its branches and parameter counts."""
     from hericap.data.transforms import resize_spec
@@ -292,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("overrides", nargs="*", help=overrides_help)
     mo.add_argument("--vocab-size", type=int, default=10_000, help="vocabulary size to assume")
     mo.set_defaults(func=cmd_model)
+
+    pl = sub.add_parser("plot", help="draw a training run's curves (loss, val CIDEr, ...) as PNG")
+    pl.add_argument("run_dir", help="the run folder, outputs/<exp.name>")
+    pl.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png)")
+    pl.set_defaults(func=cmd_plot)
 
     demo = sub.add_parser("demo", help="synthetic data -> Ray Train -> test scores table")
     demo.add_argument("overrides", nargs="*", help=overrides_help)

@@ -12,6 +12,8 @@ RAY_FREE = [
     "hericap.data.text",
     "hericap.data.transforms",
     "hericap.data.augment",
+    "hericap.training.phases",
+    "hericap.training.run_logs",
     "hericap.data.prepare",
     "hericap.models",
     "hericap.evaluation.coco_metrics",

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import threading
+import time
 
 import pytest
 import torch
+from PIL import Image
 
 from hericap.config import load_config
 from hericap.training.checkpoint import load_checkpoint
@@ -61,7 +66,7 @@ def test_two_worker_run_writes_checkpoint_that_loads_and_scores(ray_cluster, tin
     ckpt = load_checkpoint(outcome.best_checkpoint)
     assert ckpt.config == cfg and len(ckpt.vocab) > 10
     state = ckpt.training_state()
-    assert state["step"] == 6 and state["phase"] == "xe" and len(state["rng"]) == 2
+    assert state["step"] == 6 and state["phase"] == "finetune_xe" and len(state["rng"]) == 2
     assert {g["name"] for g in state["optimizer"]["param_groups"]} >= {"head_decay"}
     out = ckpt.model.generate(torch.zeros(1, 3, 64, 64), beam_size=2, max_len=5)
     assert out.tokens.shape[0] == 1
@@ -112,13 +117,159 @@ def test_asking_for_missing_gpus_is_a_clear_error(ray_cluster, tiny_shards, tmp_
         train(cfg)
 
 
-def test_frozen_phases_are_refused_not_ignored(ray_cluster, tmp_path):
+def _checkpoints(run_storage) -> dict[int, dict[str, torch.Tensor]]:
+    """{epoch: model state} of every checkpoint Ray kept under ``run_storage``."""
+    out = {}
+    for d in sorted(p for p in run_storage.glob("checkpoint_*") if p.is_dir()):
+        epoch = json.loads((d / "meta.json").read_text())["epoch"]
+        out[epoch] = torch.load(d / "model.pt", map_location="cpu", weights_only=True)
+    return out
+
+
+def test_four_phases_freeze_then_finetune_under_ddp_with_accumulation(
+    ray_cluster, tiny_shards, tmp_path
+):
+    """freezing_xe -> freezing_sc -> finetune_xe -> finetune_sc, 2 DDP workers, 2 accumulated
+    batches per step: the backbone does not move in the frozen phases and does after."""
+    from hericap.models.builder import build_captioner
     from hericap.training.driver import train
 
-    for key in ("freezing_xe_epochs", "freezing_sc_epochs"):
-        cfg = load_config([*TINY, f"optimizer.{key}=1", f"exp.output_dir={tmp_path}"])
-        with pytest.raises(ValueError, match=f"optimizer.{key}=1: frozen phases"):
-            train(cfg)
+    cfg = _shard_run_config(
+        "phases",
+        tmp_path,
+        tiny_shards,
+        "dataset.overfit=True",
+        "dataset.overfit_size=64",
+        "optimizer.freezing_xe_epochs=1",
+        "optimizer.freezing_sc_epochs=1",
+        "optimizer.finetune_xe_epochs=1",
+        "optimizer.finetune_sc_epochs=1",
+        "optimizer.grad_accum_steps=2",
+        "optimizer.sc_num_sequences=2",
+        "optimizer.checkpoint_num_to_keep=4",
+        "exp.log_every_steps=1",
+        "decode.max_len=6",
+    )
+    outcome = train(cfg)
+    # 64 images / (2 workers x 8) = 4 batches per epoch = 2 optimiser steps
+    assert [h["phase_name"] for h in outcome.history] == [
+        "freezing_xe",
+        "freezing_sc",
+        "finetune_xe",
+        "finetune_sc",
+    ]
+    assert [h["frozen_backbone"] for h in outcome.history] == [True, True, False, False]
+    assert [h["step"] for h in outcome.history] == [2, 4, 6, 8]
+    assert all(h["worker_steps_min"] == h["worker_steps_max"] == 2 for h in outcome.history)
+    assert outcome.history[0]["lr_backbone"] is None  # no backbone group while frozen
+    assert outcome.history[2]["lr_backbone"] > 0
+
+    vocab_size = len(load_checkpoint(outcome.best_checkpoint).vocab)
+    torch.manual_seed(cfg.exp.seed)  # the loop builds the initial weights the same way
+    initial = build_captioner(cfg.model, vocab_size, 64).state_dict()
+    states = _checkpoints(tmp_path / "phases" / "runs" / "train")
+    assert sorted(states) == [0, 1, 2, 3]
+    extractor = [k for k in initial if k.startswith("extractor.") and "weight" in k]
+    decoder = [k for k in initial if k.startswith("decoder.") and "weight" in k]
+    for epoch in (0, 1):
+        assert all(torch.equal(states[epoch][k], initial[k]) for k in extractor)
+        assert any(not torch.equal(states[epoch][k], initial[k]) for k in decoder)
+    assert any(not torch.equal(states[2][k], initial[k]) for k in extractor)
+
+    # observability: CSVs, TensorBoard event files, and `hericap plot`
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from hericap.cli import main
+    from hericap.training.run_logs import read_csv
+
+    run_dir = tmp_path / "phases"
+    epochs = read_csv(run_dir / "metrics.csv")
+    steps = read_csv(run_dir / "steps.csv")
+    assert [r["phase_name"] for r in epochs] == [h["phase_name"] for h in outcome.history]
+    assert [r["step"] for r in steps] == [float(i) for i in range(1, 9)]
+    assert all(r["reward"] is not None for r in steps if r["phase"].endswith("_sc"))
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"epoch/val_CIDEr", "epoch/train_loss", "step/loss", "step/lr", "step/reward"} <= tags
+    assert [e.step for e in events.Scalars("epoch/val_CIDEr")] == [2, 4, 6, 8]
+    assert main(["plot", str(run_dir)]) == 0
+    with Image.open(run_dir / "curves.png") as png:
+        assert png.format == "PNG" and png.size[0] > 500
+
+
+def test_resume_gives_the_weights_of_a_straight_run(ray_cluster, tiny_shards, tmp_path):
+    """2 epochs straight vs 1 epoch, stop, resume for 1 more: identical weights (CPU, one
+    worker, deterministic data order)."""
+    from hericap.training.driver import train
+
+    common = [
+        "optimizer.finetune_xe_epochs=2",
+        "optimizer.finetune_sc_epochs=0",
+        "exp.deterministic=True",
+        "exp.world_size=1",
+    ]
+    straight = train(_shard_run_config("straight", tmp_path, tiny_shards, *common))
+    first = train(
+        _shard_run_config("stopped", tmp_path, tiny_shards, *common, "exp.epochs_per_run=1")
+    )
+    assert [h["epoch"] for h in first.history] == [0]
+    resumed = train(_shard_run_config("stopped", tmp_path, tiny_shards, *common, "exp.resume=True"))
+    assert [h["epoch"] for h in resumed.history] == [0, 1]
+    assert resumed.history[1]["step"] == straight.history[1]["step"] == 64  # 256 / 8 x 2
+
+    a = _checkpoints(tmp_path / "straight" / "runs" / "train")[1]
+    b = _checkpoints(tmp_path / "stopped" / "runs" / "train")[1]
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+    assert resumed.history[1]["train_loss"] == straight.history[1]["train_loss"]
+
+
+def test_a_killed_worker_is_replaced_and_the_run_completes(ray_cluster, tiny_shards, tmp_path):
+    """SIGKILL one training worker process after the first checkpoint: Ray Train's
+    FailureConfig restarts the group, which resumes from that checkpoint and finishes with the
+    expected steps."""
+    from ray.util.state import list_actors
+
+    from hericap.training.driver import train
+
+    cfg = _shard_run_config(
+        "failover",
+        tmp_path,
+        tiny_shards,
+        "optimizer.finetune_xe_epochs=3",
+        "optimizer.finetune_sc_epochs=0",
+        "exp.max_failures=2",
+    )
+    storage = tmp_path / "failover" / "runs" / "train"
+    killed: list[int] = []
+
+    def kill_one_worker_after_the_first_checkpoint():
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if any(p.is_dir() for p in storage.glob("checkpoint_*")):
+                workers = list_actors(
+                    filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+                    detail=True,
+                )
+                if len(workers) == 2:
+                    time.sleep(1.0)  # into the second epoch
+                    pid = max(w.pid for w in workers)
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_one_worker_after_the_first_checkpoint, daemon=True)
+    killer.start()
+    outcome = train(cfg)
+    killer.join(timeout=5)
+    assert killed, "no worker was killed: the test did not exercise recovery"
+    # 256 images / (2 workers x 8) = 16 steps per epoch, 3 epochs, each epoch once
+    assert [h["epoch"] for h in outcome.history] == [0, 1, 2]
+    assert [h["step"] for h in outcome.history] == [16, 32, 48]
+    assert outcome.history[0]["attempt"] == 1 and outcome.history[-1]["attempt"] == 2
 
 
 def test_xe_then_scst_run_records_the_reward_setting(ray_cluster, tiny_shards, tmp_path):
@@ -136,6 +287,7 @@ def test_xe_then_scst_run_records_the_reward_setting(ray_cluster, tiny_shards, t
         "optimizer.sc_num_sequences=3",
         "optimizer.sc_lr=1e-4",
         "optimizer.sc_backbone_lr=1e-4",
+        "exp.mixed_precision=bf16",  # bf16 autocast, here on CPU (GPU runs get it by default)
     )
     outcome = train(cfg)
     # 32 images / (2 workers x 8) = 2 steps per epoch: one XE epoch, then one SCST epoch
@@ -148,7 +300,7 @@ def test_xe_then_scst_run_records_the_reward_setting(ray_cluster, tiny_shards, t
     latest = json.loads((outcome.latest_checkpoint / "meta.json").read_text())
     assert latest["phase"] == "sc"
     state = load_checkpoint(outcome.latest_checkpoint).training_state()
-    assert state["phase"] == "sc" and state["epoch"] == 1
+    assert state["phase"] == "finetune_sc" and state["epoch"] == 1
 
 
 def test_full_model_family_trains_under_ddp_without_unused_parameters(

@@ -25,6 +25,7 @@ __all__ = [
 SPLITS = ("train", "val", "test")
 RESIZE_MODES = ("square", "max_side")
 AUGMENTATIONS = ("none", "randaugment")
+MIXED_PRECISION = ("auto", "bf16", "no")
 
 
 @dataclass
@@ -51,6 +52,19 @@ class ExpConfig:
     ray_address: str | None = None
     # Logical CPUs of a local Ray cluster started by us (None: Ray's default, the machine's cores).
     ray_num_cpus: int | None = None
+    # bf16 autocast: "auto" (on GPU only), "bf16" (also on CPU) or "no".
+    mixed_precision: str = "auto"
+    # Fixed data order (seeded block order, order-preserving execution) so a resumed run sees
+    # the batches a straight run would: exact resume. Slower; augmentation stays random.
+    deterministic: bool = False
+    # Train at most this many epochs in this invocation, then stop with a checkpoint (0: all);
+    # exp.resume=True continues. For time-boxed or preemptible slots.
+    epochs_per_run: int = 0
+    # Worker failures (a dead process or node) the run recovers from, restarting from the last
+    # checkpoint; -1: without limit.
+    max_failures: int = 3
+    # Every this many optimiser steps, rank 0 logs loss / LR / grad norm (steps.csv, TensorBoard).
+    log_every_steps: int = 10
 
 
 @dataclass
@@ -195,6 +209,9 @@ class OptimizerConfig:
     beta_2: float = 0.99
     grad_clip: float = 1.0
     label_smoothing: float = 0.0
+    # Batches per optimiser step (gradients accumulated; the effective batch is this x
+    # batch_size x exp.world_size).
+    grad_accum_steps: int = 1
     # Captions used per image per step (each image is encoded once and decodes all of them).
     captions_per_image: int = 5
     # Stop after this many optimisation steps in total (0: no limit); tests use it.
@@ -266,6 +283,12 @@ class Config:
         opt = self.optimizer
         if opt.batch_size < 1:
             raise ValueError(f"optimizer.batch_size={opt.batch_size} must be >= 1")
+        if opt.grad_accum_steps < 1:
+            raise ValueError(f"optimizer.grad_accum_steps={opt.grad_accum_steps} must be >= 1")
+        if self.exp.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(
+                f"exp.mixed_precision={self.exp.mixed_precision!r}; known: {list(MIXED_PRECISION)}"
+            )
         if opt.captions_per_image < 1:
             raise ValueError(f"optimizer.captions_per_image={opt.captions_per_image} must be >= 1")
         for key in (

@@ -75,6 +75,7 @@ def shard_dataset(
     concurrency: int | None = None,
     keep_ids: frozenset[str] | None = None,
     augment: RandAugment | None = None,
+    seed: int | None = None,
 ) -> ray.data.Dataset:
     """Decoded images (+ the other ``columns``) of some shards as a Ray Dataset.
 
@@ -88,6 +89,8 @@ def shard_dataset(
         concurrency: decode tasks at once (None: Ray decides).
         keep_ids: keep only these image ids (the ``dataset.overfit`` subset, eval limits).
         augment: training augmentation (None for val/test).
+        seed: with ``shuffle``, a fixed block order (every execution the same; for exact
+            resume), else a fresh one per execution.
     """
     if isinstance(resize, int):
         resize = ResizeSpec(size=resize)
@@ -108,7 +111,7 @@ def shard_dataset(
     finally:
         ctx.use_datasource_v2 = previous
     if shuffle:
-        ds = ds.randomize_block_order()
+        ds = ds.randomize_block_order(seed=seed)
     return ds.map_batches(
         decode_batch,
         fn_kwargs={"resize": resize, "augment": augment, "keep_ids": keep_ids},

@@ -94,10 +94,10 @@ class Captioner(nn.Module):
         phases; returns how many parameter tensors changed."""
         changed = 0
         for name, p in self.named_parameters():
-            if name.startswith(self.BACKBONE_PREFIXES) and name not in self._always_frozen:
-                if p.requires_grad == frozen:
-                    p.requires_grad_(not frozen)
-                    changed += 1
+            backbone = name.startswith(self.BACKBONE_PREFIXES)
+            if backbone and name not in self._always_frozen and p.requires_grad == frozen:
+                p.requires_grad_(not frozen)
+                changed += 1
         return changed
 
     @property

@@ -6,7 +6,6 @@ The best checkpoint is chosen by validation CIDEr-D only; test is never looked a
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -18,7 +17,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import ray
-from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from hericap.config.loader import to_dict
@@ -31,6 +30,8 @@ from hericap.data.shards import Manifest, read_manifest, read_rows
 from hericap.data.text import Vocabulary
 from hericap.data.transforms import resize_spec
 from hericap.training.loop import train_loop_per_worker
+from hericap.training.phases import PHASE_KEYS, Phase, plan_phases
+from hericap.training.run_logs import write_run_logs
 
 __all__ = [
     "TrainOutcome",
@@ -114,21 +115,9 @@ def first_image_ids(files: list[Path], limit: int) -> list[str]:
     return ids[:limit]
 
 
-def _check_phases(cfg: Config) -> tuple[int, int]:
-    """(XE epochs, SCST epochs); refuses what this version cannot run."""
+def _plan(cfg: Config) -> list[Phase]:
     opt = cfg.optimizer
-    frozen = {k: getattr(opt, k) for k in ("freezing_xe_epochs", "freezing_sc_epochs")}
-    if any(frozen.values()):
-        raise ValueError(
-            f"{', '.join(f'optimizer.{k}={v}' for k, v in frozen.items() if v)}: frozen phases "
-            "are not available in this version; use optimizer.finetune_xe_epochs / "
-            "finetune_sc_epochs (and model.frozen_stages to freeze backbone stages)"
-        )
-    if opt.finetune_xe_epochs < 1:
-        raise ValueError(
-            "optimizer.finetune_xe_epochs must be >= 1 (SCST starts from the XE model)"
-        )
-    return opt.finetune_xe_epochs, opt.finetune_sc_epochs
+    return plan_phases(*(getattr(opt, k) for k in PHASE_KEYS))
 
 
 def _check_gpus(cfg: Config) -> bool:
@@ -150,21 +139,11 @@ def decode_concurrency(cfg: Config) -> int | None:
     return cfg.dataset.decode_concurrency or cfg.optimizer.num_workers or None
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    with path.open("w", newline="") as f:
-        # SCST epochs add columns (reward, baseline): the header is every key, in first-seen order
-        fields = list(dict.fromkeys(k for row in rows for k in row))
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def train(cfg: Config) -> TrainOutcome:
     """Train per ``cfg`` on the current Ray cluster (call :func:`init_ray` first)."""
     t_start = time.time()
-    xe_epochs, sc_epochs = _check_phases(cfg)
+    phases = _plan(cfg)
+    sc_epochs = sum(p.epochs for p in phases if p.kind == "sc")
     use_gpu = _check_gpus(cfg)
     manifest = ensure_shards(cfg)
     vocab = Vocabulary.load(manifest.vocab_path)
@@ -191,11 +170,14 @@ def train(cfg: Config) -> TrainOutcome:
             else None
         )
     world, batch = cfg.exp.world_size, cfg.optimizer.batch_size
-    steps_per_epoch = n_train // (world * batch)
+    accum = cfg.optimizer.grad_accum_steps
+    # batches per worker per epoch, whole optimiser steps only
+    steps_per_epoch = n_train // (world * batch) // accum * accum
     if steps_per_epoch < 1:
         raise ValueError(
-            f"{n_train} train images cannot fill one step of {world} workers x batch {batch}; "
-            "lower optimizer.batch_size or exp.world_size"
+            f"{n_train} train images cannot fill one step of {world} workers x batch {batch} x "
+            f"{accum} accumulated batches; lower optimizer.batch_size, "
+            "optimizer.grad_accum_steps or exp.world_size"
         )
     val_rows = read_rows(val_files, columns=["image_id", "captions"])
     references = {
@@ -224,8 +206,14 @@ def train(cfg: Config) -> TrainOutcome:
             decode_batch_size=cfg.dataset.decode_batch_size,
             concurrency=concurrency,
             keep_ids=keep_train,
+            seed=cfg.exp.seed if cfg.exp.deterministic else None,
         ),
     }
+    data_config = None
+    if cfg.exp.deterministic:  # order-preserving execution and splits: exact resume
+        options = DataConfig.default_ingest_options()
+        options.preserve_order = True
+        data_config = DataConfig(execution_options=options)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -247,6 +235,7 @@ def train(cfg: Config) -> TrainOutcome:
         run_config=RunConfig(
             name="train",
             storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=cfg.exp.max_failures),
             checkpoint_config=CheckpointConfig(
                 # with SCST, keep enough that the best XE checkpoint survives the SCST epochs
                 num_to_keep=max(cfg.optimizer.checkpoint_num_to_keep, sc_epochs + 1),
@@ -255,15 +244,17 @@ def train(cfg: Config) -> TrainOutcome:
             ),
         ),
         datasets=datasets,
+        **({"dataset_config": data_config} if data_config is not None else {}),
     )
     logger.info(
-        "training %s: %d XE + %d SCST epochs x %d steps, %d workers x batch %d, %d train images",
+        "training %s: phases %s; %d optimiser steps per epoch, %d workers x batch %d x %d "
+        "accumulated; %d train images",
         cfg.exp.name,
-        xe_epochs,
-        sc_epochs,
-        steps_per_epoch,
+        ", ".join(f"{p.name} {p.epochs}" for p in phases),
+        steps_per_epoch // accum,
         world,
         batch,
+        accum,
         n_train,
     )
     result = trainer.fit()
@@ -288,8 +279,12 @@ def train(cfg: Config) -> TrainOutcome:
     # the checkpoints it kept).
     latest = result.checkpoint or best
     with latest.as_directory() as d:
-        history = json.loads((Path(d) / "meta.json").read_text()).get("history", [])
-    _write_csv(run_dir / "metrics.csv", history)
+        meta = json.loads((Path(d) / "meta.json").read_text())
+    history = meta.get("history", [])
+    logs = write_run_logs(run_dir, history, meta.get("steps", []))
+    logger.info(
+        "metrics: %s, %s; TensorBoard: %s", logs["metrics"], logs["steps"], logs["tensorboard"]
+    )
     logger.info(
         "best checkpoint: epoch %d, val CIDEr %.3f -> %s",
         best_metrics["epoch"],

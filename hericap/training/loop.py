@@ -1,4 +1,5 @@
-"""The Ray Train worker loop (``train_loop_per_worker``): XE then SCST, validated every epoch.
+"""The Ray Train worker loop (``train_loop_per_worker``): the XE and SCST phases (frozen, then
+fine-tuned), validated every epoch.
 
 Every worker rebuilds typed objects from the plain-dict loop config, trains on its dataset shard
 under DDP, decodes its slice of the validation images, and all workers agree on val CIDEr-D.
@@ -9,6 +10,7 @@ continues after its epoch with the saved optimiser, scheduler and RNG states.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -49,6 +51,7 @@ from hericap.training.checkpoint import (
     save_checkpoint,
 )
 from hericap.training.optim import build_optimizer, constant_lr, warmup_cosine
+from hericap.training.phases import PHASE_KEYS, Phase, phase_at, plan_phases
 from hericap.training.scst import CiderReward, make_scst_decoder, scst_step
 from hericap.training.xe import pick_captions, xe_loss
 
@@ -149,84 +152,129 @@ def _validate(
     return cider_d(references, candidates), len(candidates)
 
 
+def _learning_rates(optimizer: torch.optim.Optimizer) -> tuple[float, float | None]:
+    """(head LR, backbone LR; None while the backbone is frozen) from the named groups."""
+    lrs = {g["name"].split("_")[0]: g["lr"] for g in optimizer.param_groups}
+    return lrs["head"], lrs.get("backbone")
+
+
+def _autocast(device: torch.device, mode: str):
+    """bf16 autocast per ``exp.mixed_precision``: ``auto`` (bf16 on GPU, off on CPU), ``bf16``
+    or ``no``."""
+    enabled = mode == "bf16" or (mode == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry: ``loop_config`` holds ``config`` (dict), ``vocab`` (dict),
-    ``val_files`` (shard paths), ``val_references`` ({image_id: captions}: the val images) and
-    ``steps_per_epoch``."""
+    ``val_files`` (shard paths), ``val_references`` ({image_id: captions}: the val images),
+    ``train_references`` (the SCST reward corpus) and ``steps_per_epoch`` (batches per worker
+    per epoch, a multiple of ``optimizer.grad_accum_steps``)."""
     setup_logging()
     cfg = from_dict(loop_config["config"])
     vocab = Vocabulary.from_dict(loop_config["vocab"])
     references: dict[str, list[str]] = loop_config["val_references"]
-    steps_per_epoch: int = loop_config["steps_per_epoch"]
+    batches_per_epoch: int = loop_config["steps_per_epoch"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     opt_cfg = cfg.optimizer
     torch.set_num_threads(cfg.exp.torch_threads or max(1, int(cfg.exp.cpus_per_worker)))
+    phases = plan_phases(*(getattr(opt_cfg, k) for k in PHASE_KEYS))
+    epochs = phases[-1].end_epoch
+    accum = opt_cfg.grad_accum_steps
+    updates_per_epoch = batches_per_epoch // accum
 
     torch.manual_seed(cfg.exp.seed)  # identical initial weights on every rank
     resize = resize_spec(cfg.dataset)
-    model = build_captioner(cfg.model, len(vocab), resize.model_size)
+    net = build_captioner(cfg.model, len(vocab), resize.model_size)
     if rank == 0:
-        logger.info("model: memories %s; %s", model.memory_names, format_parameter_summary(model))
+        logger.info("model: memories %s; %s", net.memory_names, format_parameter_summary(net))
     device = ray.train.torch.get_device()
-    model = ray.train.torch.prepare_model(model)
-    xe_epochs = opt_cfg.freezing_xe_epochs + opt_cfg.finetune_xe_epochs
-    sc_epochs = opt_cfg.freezing_sc_epochs + opt_cfg.finetune_sc_epochs
-    epochs = xe_epochs + sc_epochs
-    xe_steps = xe_epochs * steps_per_epoch
-    if opt_cfg.max_steps:
-        xe_steps = min(xe_steps, opt_cfg.max_steps)
 
-    def phase_of(epoch: int) -> str:
-        return "xe" if epoch < xe_epochs else "sc"
+    def wrap(phase: Phase) -> nn.Module:
+        """Freeze or unfreeze the backbone for ``phase``, then wrap for DDP: DDP tracks the
+        parameters that require gradients when it is built, so a change means a new wrapper."""
+        net.freeze_backbone(phase.frozen)
+        return ray.train.torch.prepare_model(net)
 
-    def make_optimizer(phase: str):
-        """XE: AdamW with warm-up and cosine decay; SCST: constant LR (the paper: 5e-6)."""
-        xe = phase == "xe"
+    def make_optimizer(phase: Phase):
+        """XE: AdamW with warm-up and cosine decay over the phase; SCST: constant LR (the
+        paper: 5e-6)."""
+        xe = phase.kind == "xe"
         opt = build_optimizer(
-            model,
+            net,
             lr=opt_cfg.xe_lr if xe else opt_cfg.sc_lr,
             backbone_lr=opt_cfg.xe_backbone_lr if xe else opt_cfg.sc_backbone_lr,
             weight_decay=opt_cfg.weight_decay,
             betas=(opt_cfg.beta_1, opt_cfg.beta_2),
         )
-        if xe:
-            return opt, warmup_cosine(opt, opt_cfg.warmup_steps, xe_steps, opt_cfg.min_lr_ratio)
-        return opt, constant_lr(opt)
+        if not xe:
+            return opt, constant_lr(opt)
+        total = phase.epochs * updates_per_epoch
+        if opt_cfg.max_steps:
+            total = min(total, opt_cfg.max_steps)
+        return opt, warmup_cosine(opt, opt_cfg.warmup_steps, total, opt_cfg.min_lr_ratio)
 
     start_epoch, step = 0, 0
     history: list[dict[str, Any]] = []  # every epoch's metrics, carried in each checkpoint
+    step_log: list[dict[str, Any]] = []  # every log_every_steps-th update, likewise
     train_state: dict[str, Any] | None = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)
-            load_state_dict_strict(_unwrap(model), state, what=f"checkpoint {d}")
+            load_state_dict_strict(net, state, what=f"checkpoint {d}")
             train_state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-            history = json.loads((Path(d) / META_FILE).read_text()).get("history", [])
+            meta = json.loads((Path(d) / META_FILE).read_text())
+            history, step_log = meta.get("history", []), meta.get("steps", [])
         _set_rng_state(train_state["rng"][min(rank, len(train_state["rng"]) - 1)])
         start_epoch, step = train_state["epoch"] + 1, train_state["step"]
+        attempt = train_state.get("attempt", 1) + 1
         if rank == 0:
-            logger.info("resumed from epoch %d, step %d", start_epoch, step)
+            logger.info("attempt %d: resumed from epoch %d, step %d", attempt, start_epoch, step)
     else:
+        attempt = 1
         random.seed(cfg.exp.seed + rank)
         np.random.seed(cfg.exp.seed + rank)
-    phase = phase_of(start_epoch)
+    if start_epoch >= epochs:
+        if rank == 0:
+            logger.info("the checkpoint already covers all %d epochs: nothing to train", epochs)
+        return
+    phase = phase_at(phases, start_epoch)
+    model = wrap(phase)
     optimizer, scheduler = make_optimizer(phase)
-    if train_state is not None and train_state.get("phase", "xe") == phase:
-        optimizer.load_state_dict(train_state["optimizer"])
-        scheduler.load_state_dict(train_state["scheduler"])
+    if train_state is not None:
+        if train_state.get("phase") == phase.name:
+            optimizer.load_state_dict(train_state["optimizer"])
+            scheduler.load_state_dict(train_state["scheduler"])
+        elif rank == 0:
+            logger.info(
+                "checkpoint ended phase %s; starting %s with a fresh optimiser",
+                train_state.get("phase"),
+                phase.name,
+            )
     reward = scst_decode = None
 
     caption_rng = random.Random()
     train_iter = ray.train.get_dataset_shard("train")
     k = opt_cfg.captions_per_image
+    log_every = max(1, cfg.exp.log_every_steps)
     run_start = time.time()
-    for epoch in range(start_epoch, epochs):
-        if phase_of(epoch) != phase:  # XE -> SCST: a fresh optimiser at the SCST learning rate
-            phase = phase_of(epoch)
+    last_epoch = epochs
+    if cfg.exp.epochs_per_run:
+        last_epoch = min(epochs, start_epoch + cfg.exp.epochs_per_run)
+    for epoch in range(start_epoch, last_epoch):
+        if epoch >= phase.end_epoch:  # next phase: new optimiser, maybe (un)frozen backbone
+            previous, phase = phase, phase_at(phases, epoch)
+            if phase.frozen != previous.frozen:
+                del model
+                model = wrap(phase)
             optimizer, scheduler = make_optimizer(phase)
-        if phase == "sc" and reward is None:
+            if rank == 0:
+                logger.info(
+                    "phase %s (%d epochs) starts at epoch %d", phase.name, phase.epochs, epoch + 1
+                )
+        if phase.kind == "sc" and reward is None:
             reward = CiderReward(
                 loop_config["train_references"], vocab, include_eos=opt_cfg.sc_include_eos
             )
@@ -240,7 +288,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             )
         caption_rng.seed(f"{cfg.exp.seed}/{rank}/{epoch}")
         model.train()
-        t0, loss_sum, reward_sum, n_steps = time.time(), 0.0, 0.0, 0
+        t0, loss_sum, reward_sum, n_batches, n_updates = time.time(), 0.0, 0.0, 0, 0
+        optimizer.zero_grad(set_to_none=True)
         for batch in train_iter.iter_batches(
             batch_size=opt_cfg.batch_size,
             batch_format="numpy",
@@ -248,63 +297,92 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             local_shuffle_buffer_size=cfg.dataset.local_shuffle_buffer or None,
             local_shuffle_seed=cfg.exp.seed * 1000 + epoch * world + rank,
         ):
-            if n_steps >= steps_per_epoch or (opt_cfg.max_steps and step >= opt_cfg.max_steps):
+            if n_batches >= updates_per_epoch * accum or (
+                opt_cfg.max_steps and step >= opt_cfg.max_steps
+            ):
                 break
             images = normalize_images(
-                crop_batch(batch["image"], batch.get("image_hw"), _unwrap(model).input_multiple),
+                crop_batch(batch["image"], batch.get("image_hw"), net.input_multiple),
                 device,
             )
-            if phase == "xe":
-                tokens = vocab.encode_batch(
-                    pick_captions(batch["captions"], k, caption_rng),
-                    max_len=cfg.dataset.max_caption_len,
-                ).to(device)
-                log_probs = model(images, tokens[:, :-1], captions_per_image=k)
-                loss = xe_loss(log_probs, tokens[:, 1:], vocab.pad_idx, opt_cfg.label_smoothing)
-            else:
-                loss, mean_reward = scst_step(
-                    model,
-                    images,
-                    batch["image_id"],
-                    reward,
-                    scst_decode,
-                    opt_cfg.sc_baseline,
-                    vocab.eos_idx,
-                )
-                reward_sum += mean_reward
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if opt_cfg.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.grad_clip)
+            update = (n_batches + 1) % accum == 0
+            # no gradient all-reduce on the accumulation batches, only on the update's
+            sync = model.no_sync() if world > 1 and not update else contextlib.nullcontext()
+            with sync:
+                with _autocast(device, cfg.exp.mixed_precision):
+                    if phase.kind == "xe":
+                        tokens = vocab.encode_batch(
+                            pick_captions(batch["captions"], k, caption_rng),
+                            max_len=cfg.dataset.max_caption_len,
+                        ).to(device)
+                        log_probs = model(images, tokens[:, :-1], captions_per_image=k)
+                        loss = xe_loss(
+                            log_probs.float(), tokens[:, 1:], vocab.pad_idx, opt_cfg.label_smoothing
+                        )
+                    else:
+                        loss, mean_reward = scst_step(
+                            model,
+                            images,
+                            batch["image_id"],
+                            reward,
+                            scst_decode,
+                            opt_cfg.sc_baseline,
+                            vocab.eos_idx,
+                        )
+                        reward_sum += mean_reward
+                (loss / accum).backward()
+            n_batches += 1
+            loss_sum += loss.item()
+            if not update:
+                continue
+            grad_norm = (
+                float(nn.utils.clip_grad_norm_(net.parameters(), opt_cfg.grad_clip))
+                if opt_cfg.grad_clip
+                else None
+            )
             optimizer.step()
             scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
             step += 1
-            n_steps += 1
-            loss_sum += loss.item()
-            if rank == 0 and n_steps % 50 == 0:
+            n_updates += 1
+            if rank == 0 and step % log_every == 0:
+                step_log.append(
+                    {
+                        "step": step,
+                        "epoch": epoch,
+                        "phase": phase.name,
+                        "loss": loss.item(),
+                        "lr": _learning_rates(optimizer)[0],
+                        "lr_backbone": _learning_rates(optimizer)[1],
+                        **({"grad_norm": grad_norm} if grad_norm is not None else {}),
+                        **({"reward": mean_reward} if phase.kind == "sc" else {}),
+                        "elapsed_s": time.time() - run_start,
+                    }
+                )
+            if rank == 0 and n_updates % 50 == 0:
                 logger.info(
                     "%s epoch %d/%d step %d/%d loss %.3f%s lr %.2e elapsed %.0fs",
-                    phase,
+                    phase.name,
                     epoch + 1,
                     epochs,
-                    n_steps,
-                    steps_per_epoch,
-                    loss_sum / n_steps,
-                    f" reward {reward_sum / n_steps:.3f}" if phase == "sc" else "",
-                    scheduler.get_last_lr()[-1],
+                    n_updates,
+                    updates_per_epoch,
+                    loss_sum / n_batches,
+                    f" reward {reward_sum / n_batches:.3f}" if phase.kind == "sc" else "",
+                    _learning_rates(optimizer)[0],
                     time.time() - run_start,
                 )
         train_time = time.time() - t0
-        steps_min = steps_max = n_steps  # per-worker steps: equal when the shards are even
+        steps_min = steps_max = n_updates  # per-worker updates: equal when the shards are even
         if world > 1:  # every rank reports the same mean train loss and reward
-            totals = torch.tensor([loss_sum, reward_sum, float(n_steps)], dtype=torch.float64)
+            totals = torch.tensor([loss_sum, reward_sum, float(n_batches)], dtype=torch.float64)
             dist.all_reduce(totals)
-            loss_sum, reward_sum, loss_steps = totals.tolist()
-            spread = torch.tensor([n_steps, -n_steps], dtype=torch.int64)
+            loss_sum, reward_sum, loss_batches = totals.tolist()
+            spread = torch.tensor([n_updates, -n_updates], dtype=torch.int64)
             dist.all_reduce(spread, op=dist.ReduceOp.MAX)
             steps_max, steps_min = int(spread[0]), -int(spread[1])
         else:
-            loss_steps = n_steps
+            loss_batches = n_batches
         val_cider, n_val = _validate(
             model,
             loop_config["val_files"],
@@ -319,24 +397,29 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             world,
         )
         metrics = {
-            "phase": phase,
+            "phase": phase.kind,
+            "phase_name": phase.name,
+            "frozen_backbone": phase.frozen,
             "epoch": epoch,
             "step": step,
-            "train_loss": loss_sum / max(1.0, loss_steps),
+            "train_loss": loss_sum / max(1.0, loss_batches),
             "val_CIDEr": val_cider,
             "val_images": n_val,
             "worker_steps_min": steps_min,
             "worker_steps_max": steps_max,
-            "lr": scheduler.get_last_lr()[-1],
+            "lr": _learning_rates(optimizer)[0],
+            "lr_backbone": _learning_rates(optimizer)[1],
             **(
                 {
-                    "train_reward": reward_sum / max(1.0, loss_steps),
+                    "train_reward": reward_sum / max(1.0, loss_batches),
                     "sc_baseline": opt_cfg.sc_baseline,
                     "sc_include_eos": opt_cfg.sc_include_eos,
                 }
-                if phase == "sc"
+                if phase.kind == "sc"
                 else {}
             ),
+            # worker-group starts so far: 1 + resumes after failures or exp.resume
+            "attempt": attempt,
             "epoch_train_s": train_time,
             "epoch_s": time.time() - t0,
         }
@@ -344,7 +427,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             logger.info(
                 "%s epoch %d/%d done: loss %.3f val CIDEr %.3f (%d images) train %.0fs total %.0fs",
-                phase,
+                phase.name,
                 epoch + 1,
                 epochs,
                 metrics["train_loss"],
@@ -361,17 +444,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(
                     tmp,
-                    _unwrap(model),
+                    net,
                     cfg,
                     vocab,
-                    meta={**metrics, "history": history},
+                    meta={**metrics, "history": history, "steps": step_log},
                     training_state={
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
                         "rng": rng_states,
                         "epoch": epoch,
                         "step": step,
-                        "phase": phase,
+                        "phase": phase.name,
+                        "attempt": attempt,
                     },
                 )
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

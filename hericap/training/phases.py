@@ -12,7 +12,12 @@ from dataclasses import dataclass
 __all__ = ["PHASE_KEYS", "Phase", "phase_at", "plan_phases"]
 
 # optimizer.* keys, in the order the phases run
-PHASE_KEYS = ("freezing_xe_epochs", "freezing_sc_epochs", "finetune_xe_epochs", "finetune_sc_epochs")
+PHASE_KEYS = (
+    "freezing_xe_epochs",
+    "freezing_sc_epochs",
+    "finetune_xe_epochs",
+    "finetune_sc_epochs",
+)
 
 
 @dataclass(frozen=True)
@@ -42,8 +47,13 @@ def plan_phases(
     Raises:
         ValueError: no epochs at all, a negative count, or SCST before any XE epoch.
     """
-    counts = dict(zip(PHASE_KEYS, (freezing_xe_epochs, freezing_sc_epochs, finetune_xe_epochs,
-                                   finetune_sc_epochs), strict=True))
+    counts = dict(
+        zip(
+            PHASE_KEYS,
+            (freezing_xe_epochs, freezing_sc_epochs, finetune_xe_epochs, finetune_sc_epochs),
+            strict=True,
+        )
+    )
     bad = {k: v for k, v in counts.items() if v < 0}
     if bad:
         raise ValueError(f"phase epochs must be >= 0: {bad}")
