@@ -245,10 +245,19 @@ def test_a_killed_worker_is_replaced_and_the_run_completes(ray_cluster, tiny_sha
     storage = tmp_path / "failover" / "runs" / "train"
     killed: list[int] = []
 
+    def first_checkpoint_registered() -> bool:
+        """Ray lists a checkpoint in its snapshot once it is committed (its folder appears
+        earlier, while being written: a kill then restarts from scratch)."""
+        try:
+            snapshot = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+        return bool(snapshot.get("checkpoint_results"))
+
     def kill_one_worker_after_the_first_checkpoint():
         deadline = time.time() + 600
         while time.time() < deadline:
-            if any(p.is_dir() for p in storage.glob("checkpoint_*")):
+            if first_checkpoint_registered():
                 workers = list_actors(
                     filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
                     detail=True,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from hericap.config.schema import AUGMENTATIONS
 from hericap.data.transforms import MEAN_RGB
 
 __all__ = ["AUGMENT_OPS", "CAPTION_SAFE_OPS", "RandAugment", "train_augmentation"]
@@ -108,4 +109,4 @@ def train_augmentation(kind: str, num_ops: int = 2, magnitude: float = 5.0) -> R
         return None
     if kind == "randaugment":
         return RandAugment(num_ops=num_ops, magnitude=magnitude)
-    raise ValueError(f"unknown augmentation {kind!r}; known: none, randaugment")
+    raise ValueError(f"unknown augmentation {kind!r}; known: {list(AUGMENTATIONS)}")

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from hericap.config.schema import RESIZE_MODES
+
 if TYPE_CHECKING:
     from hericap.config.schema import DatasetConfig
 
@@ -87,12 +89,12 @@ class ResizeSpec:
     """How images are resized before the model sees them.
 
     * ``square``: every image becomes ``size`` × ``size`` (tiny presets, synthetic data).
-    * ``max_side``: the paper's rule (GRIT): keep the aspect ratio and scale so that the short side
-      is at most ``min_size`` and the long side at most ``max_size`` (384 and 640), never
-      upscaling past either. The result is padded with the ImageNet mean onto a
-      ``max_size`` × ``max_size`` canvas (landscape and portrait both fit), so a batch is one
-      array; the real height and width travel next to it and :func:`crop_batch` trims the batch
-      back to what its largest image needs.
+    * ``max_side``: the paper's rule (GRIT): keep the aspect ratio and scale (up or down) to the
+      largest size whose short side is at most ``min_size`` and long side at most ``max_size``
+      (384 and 640), so one of the two limits is reached. The result is padded with the
+      ImageNet mean onto a ``max_size`` × ``max_size`` canvas (landscape and portrait both
+      fit), so a batch is one array; the real height and width travel next to it and
+      :func:`crop_batch` trims the batch back to what its largest image needs.
     """
 
     mode: str = "square"
@@ -101,8 +103,8 @@ class ResizeSpec:
     max_size: int = 640
 
     def __post_init__(self) -> None:
-        if self.mode not in ("square", "max_side"):
-            raise ValueError(f"resize mode must be 'square' or 'max_side', got {self.mode!r}")
+        if self.mode not in RESIZE_MODES:
+            raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {self.mode!r}")
         if min(self.size, self.min_size, self.max_size) <= 0 or self.min_size > self.max_size:
             raise ValueError(f"bad resize sizes in {self}")
 

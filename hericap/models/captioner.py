@@ -87,6 +87,8 @@ class Captioner(nn.Module):
         # unfreezing the backbone never unfreezes these
         self._always_frozen = {n for n, p in self.named_parameters() if not p.requires_grad}
 
+    # the extractor and the region detector: the paper's "backbone" (its own learning rate,
+    # frozen in the freezing phases)
     BACKBONE_PREFIXES = ("extractor.", "region_encoder.")
 
     def freeze_backbone(self, frozen: bool) -> int:

@@ -30,7 +30,7 @@ from hericap.data.shards import Manifest, read_manifest, read_rows
 from hericap.data.text import Vocabulary
 from hericap.data.transforms import resize_spec
 from hericap.training.loop import train_loop_per_worker
-from hericap.training.phases import PHASE_KEYS, Phase, plan_phases
+from hericap.training.phases import configured_phases
 from hericap.training.run_logs import write_run_logs
 
 __all__ = [
@@ -115,11 +115,6 @@ def first_image_ids(files: list[Path], limit: int) -> list[str]:
     return ids[:limit]
 
 
-def _plan(cfg: Config) -> list[Phase]:
-    opt = cfg.optimizer
-    return plan_phases(*(getattr(opt, k) for k in PHASE_KEYS))
-
-
 def _check_gpus(cfg: Config) -> bool:
     if cfg.exp.ngpus_per_node <= 0:
         return False
@@ -142,7 +137,7 @@ def decode_concurrency(cfg: Config) -> int | None:
 def train(cfg: Config) -> TrainOutcome:
     """Train per ``cfg`` on the current Ray cluster (call :func:`init_ray` first)."""
     t_start = time.time()
-    phases = _plan(cfg)
+    phases = configured_phases(cfg.optimizer)
     sc_epochs = sum(p.epochs for p in phases if p.kind == "sc")
     use_gpu = _check_gpus(cfg)
     manifest = ensure_shards(cfg)
@@ -172,8 +167,8 @@ def train(cfg: Config) -> TrainOutcome:
     world, batch = cfg.exp.world_size, cfg.optimizer.batch_size
     accum = cfg.optimizer.grad_accum_steps
     # batches per worker per epoch, whole optimiser steps only
-    steps_per_epoch = n_train // (world * batch) // accum * accum
-    if steps_per_epoch < 1:
+    batches_per_epoch = n_train // (world * batch) // accum * accum
+    if batches_per_epoch < 1:
         raise ValueError(
             f"{n_train} train images cannot fill one step of {world} workers x batch {batch} x "
             f"{accum} accumulated batches; lower optimizer.batch_size, "
@@ -222,7 +217,7 @@ def train(cfg: Config) -> TrainOutcome:
             "val_files": [str(f.resolve()) for f in val_files],
             "val_references": references,
             "train_references": train_references,
-            "steps_per_epoch": steps_per_epoch,
+            "batches_per_epoch": batches_per_epoch,
         },
         scaling_config=ScalingConfig(
             num_workers=world,
@@ -244,14 +239,14 @@ def train(cfg: Config) -> TrainOutcome:
             ),
         ),
         datasets=datasets,
-        **({"dataset_config": data_config} if data_config is not None else {}),
+        dataset_config=data_config,
     )
     logger.info(
         "training %s: phases %s; %d optimiser steps per epoch, %d workers x batch %d x %d "
         "accumulated; %d train images",
         cfg.exp.name,
         ", ".join(f"{p.name} {p.epochs}" for p in phases),
-        steps_per_epoch // accum,
+        batches_per_epoch // accum,
         world,
         batch,
         accum,

@@ -51,7 +51,7 @@ from hericap.training.checkpoint import (
     save_checkpoint,
 )
 from hericap.training.optim import build_optimizer, constant_lr, warmup_cosine
-from hericap.training.phases import PHASE_KEYS, Phase, phase_at, plan_phases
+from hericap.training.phases import Phase, configured_phases, phase_at
 from hericap.training.scst import CiderReward, make_scst_decoder, scst_step
 from hericap.training.xe import pick_captions, xe_loss
 
@@ -168,18 +168,18 @@ def _autocast(device: torch.device, mode: str):
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry: ``loop_config`` holds ``config`` (dict), ``vocab`` (dict),
     ``val_files`` (shard paths), ``val_references`` ({image_id: captions}: the val images),
-    ``train_references`` (the SCST reward corpus) and ``steps_per_epoch`` (batches per worker
-    per epoch, a multiple of ``optimizer.grad_accum_steps``)."""
+    ``train_references`` (the SCST reward corpus) and ``batches_per_epoch`` (per worker, a
+    multiple of ``optimizer.grad_accum_steps``)."""
     setup_logging()
     cfg = from_dict(loop_config["config"])
     vocab = Vocabulary.from_dict(loop_config["vocab"])
     references: dict[str, list[str]] = loop_config["val_references"]
-    batches_per_epoch: int = loop_config["steps_per_epoch"]
+    batches_per_epoch: int = loop_config["batches_per_epoch"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     opt_cfg = cfg.optimizer
     torch.set_num_threads(cfg.exp.torch_threads or max(1, int(cfg.exp.cpus_per_worker)))
-    phases = plan_phases(*(getattr(opt_cfg, k) for k in PHASE_KEYS))
+    phases = configured_phases(opt_cfg)
     epochs = phases[-1].end_epoch
     accum = opt_cfg.grad_accum_steps
     updates_per_epoch = batches_per_epoch // accum
@@ -297,9 +297,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             local_shuffle_buffer_size=cfg.dataset.local_shuffle_buffer or None,
             local_shuffle_seed=cfg.exp.seed * 1000 + epoch * world + rank,
         ):
-            if n_batches >= updates_per_epoch * accum or (
-                opt_cfg.max_steps and step >= opt_cfg.max_steps
-            ):
+            if n_batches >= batches_per_epoch or (opt_cfg.max_steps and step >= opt_cfg.max_steps):
                 break
             images = normalize_images(
                 crop_batch(batch["image"], batch.get("image_hw"), net.input_multiple),
@@ -345,6 +343,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             n_updates += 1
+            lr, lr_backbone = _learning_rates(optimizer)
             if rank == 0 and step % log_every == 0:
                 step_log.append(
                     {
@@ -352,8 +351,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         "epoch": epoch,
                         "phase": phase.name,
                         "loss": loss.item(),
-                        "lr": _learning_rates(optimizer)[0],
-                        "lr_backbone": _learning_rates(optimizer)[1],
+                        "lr": lr,
+                        "lr_backbone": lr_backbone,
                         **({"grad_norm": grad_norm} if grad_norm is not None else {}),
                         **({"reward": mean_reward} if phase.kind == "sc" else {}),
                         "elapsed_s": time.time() - run_start,
@@ -369,7 +368,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     updates_per_epoch,
                     loss_sum / n_batches,
                     f" reward {reward_sum / n_batches:.3f}" if phase.kind == "sc" else "",
-                    _learning_rates(optimizer)[0],
+                    lr,
                     time.time() - run_start,
                 )
         train_time = time.time() - t0
@@ -396,6 +395,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             rank,
             world,
         )
+        lr, lr_backbone = _learning_rates(optimizer)
         metrics = {
             "phase": phase.kind,
             "phase_name": phase.name,
@@ -407,8 +407,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "val_images": n_val,
             "worker_steps_min": steps_min,
             "worker_steps_max": steps_max,
-            "lr": _learning_rates(optimizer)[0],
-            "lr_backbone": _learning_rates(optimizer)[1],
+            "lr": lr,
+            "lr_backbone": lr_backbone,
             **(
                 {
                     "train_reward": reward_sum / max(1.0, loss_batches),

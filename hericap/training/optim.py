@@ -14,6 +14,8 @@ import math
 import torch
 from torch import nn
 
+from hericap.models.captioner import Captioner
+
 __all__ = ["build_optimizer", "constant_lr", "param_groups", "warmup_cosine"]
 
 
@@ -22,7 +24,7 @@ def param_groups(
     lr: float,
     backbone_lr: float,
     weight_decay: float,
-    backbone_prefix: tuple[str, ...] = ("extractor.", "region_encoder."),
+    backbone_prefix: tuple[str, ...] = Captioner.BACKBONE_PREFIXES,
 ) -> list[dict]:
     """Four AdamW groups: (backbone | rest) × (decay | no decay); frozen parameters left out."""
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}

@@ -8,8 +8,12 @@ epochs are skipped. SCST starts from a model trained with XE, so the first phase
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-__all__ = ["PHASE_KEYS", "Phase", "phase_at", "plan_phases"]
+if TYPE_CHECKING:
+    from hericap.config.schema import OptimizerConfig
+
+__all__ = ["PHASE_KEYS", "Phase", "configured_phases", "phase_at", "plan_phases"]
 
 # optimizer.* keys, in the order the phases run
 PHASE_KEYS = (
@@ -76,6 +80,11 @@ def plan_phases(
             "optimizer.finetune_xe_epochs)"
         )
     return phases
+
+
+def configured_phases(optimizer: OptimizerConfig) -> list[Phase]:
+    """:func:`plan_phases` of a run's ``optimizer.*_epochs`` keys."""
+    return plan_phases(*(getattr(optimizer, k) for k in PHASE_KEYS))
 
 
 def phase_at(phases: list[Phase], epoch: int) -> Phase:
