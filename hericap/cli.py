@@ -89,11 +89,14 @@ def _train_and_test(cfg, skip_test: bool = False, compare_xe: bool = False) -> d
 
     with ray_session(cfg.exp.ray_address, cfg.exp.ray_num_cpus):
         outcome = train(cfg)
+        if outcome.best_checkpoint is None:
+            logger.info("training took %.0fs; no epoch finished yet", outcome.wall_s)
+            return None
         logger.info(
             "training took %.0fs; best val CIDEr %.3f (epoch %d, %s)",
             outcome.wall_s,
             outcome.best_metrics["val_CIDEr"],
-            outcome.best_metrics["epoch"],
+            outcome.best_metrics["epoch"] + 1,
             outcome.best_metrics.get("phase", "xe"),
         )
         if skip_test:

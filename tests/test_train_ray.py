@@ -199,8 +199,9 @@ def test_four_phases_freeze_then_finetune_under_ddp_with_accumulation(
 
 
 def test_resume_gives_the_weights_of_a_straight_run(ray_cluster, tiny_shards, tmp_path):
-    """2 epochs straight vs 1 epoch, stop, resume for 1 more: identical weights (CPU, one
-    worker, deterministic data order)."""
+    """2 epochs straight vs the same 2 epochs in three invocations: 1 epoch and stop, resume for
+    8 steps (a step checkpoint inside epoch 2 at step 35, stop inside it at step 40), resume to
+    the end: identical weights and losses (CPU, one worker, deterministic data order)."""
     from hericap.training.driver import train
 
     common = [
@@ -210,13 +211,21 @@ def test_resume_gives_the_weights_of_a_straight_run(ray_cluster, tiny_shards, tm
         "exp.world_size=1",
     ]
     straight = train(_shard_run_config("straight", tmp_path, tiny_shards, *common))
-    first = train(
-        _shard_run_config("stopped", tmp_path, tiny_shards, *common, "exp.epochs_per_run=1")
-    )
+
+    def stopped(*extra: str):
+        more = [*common, "optimizer.checkpoint_num_to_keep=1", *extra]
+        return train(_shard_run_config("stopped", tmp_path, tiny_shards, *more))
+
+    first = stopped("exp.epochs_per_run=1")
     assert [h["epoch"] for h in first.history] == [0]
-    resumed = train(_shard_run_config("stopped", tmp_path, tiny_shards, *common, "exp.resume=True"))
+    second = stopped("exp.resume=True", "exp.steps_per_run=8", "exp.checkpoint_every_steps=5")
+    latest = json.loads((second.latest_checkpoint / "meta.json").read_text())
+    assert latest["mid_epoch"] and latest["step"] == 40 and latest["epoch"] == 1
+    assert [h["epoch"] for h in second.history] == [0]  # epoch 2 not finished yet
+    resumed = stopped("exp.resume=True")
     assert [h["epoch"] for h in resumed.history] == [0, 1]
     assert resumed.history[1]["step"] == straight.history[1]["step"] == 64  # 256 / 8 x 2
+    assert resumed.history[1]["attempt"] == 3
 
     a = _checkpoints(tmp_path / "straight" / "runs" / "train")[1]
     b = _checkpoints(tmp_path / "stopped" / "runs" / "train")[1]
@@ -224,6 +233,14 @@ def test_resume_gives_the_weights_of_a_straight_run(ray_cluster, tiny_shards, tm
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, different[:5]
     assert resumed.history[1]["train_loss"] == straight.history[1]["train_loss"]
+
+    # retention: Ray kept only the latest (K=1); the best by val CIDEr was copied aside
+    kept = [p for p in (tmp_path / "stopped" / "runs" / "train").glob("checkpoint_*") if p.is_dir()]
+    assert len(kept) == 1
+    best_epoch = max(resumed.history, key=lambda h: h["val_CIDEr"])["epoch"]
+    assert resumed.best_metrics["epoch"] == best_epoch
+    stored_best = json.loads((tmp_path / "stopped" / "runs" / "best" / "meta.json").read_text())
+    assert stored_best["val_CIDEr"] == max(h["val_CIDEr"] for h in resumed.history)
 
 
 def test_a_killed_worker_is_replaced_and_the_run_completes(ray_cluster, tiny_shards, tmp_path):
@@ -347,3 +364,52 @@ def test_full_model_family_trains_under_ddp_without_unused_parameters(
     ckpt = load_checkpoint(outcome.best_checkpoint)
     assert ckpt.model.memory_names == ["grid", "region", "global"]
     assert ckpt.model.region_encoder is not None
+
+
+def test_checkpoints_on_s3_keep_the_best_and_resume(
+    ray_cluster, tiny_shards, moto_server, tmp_path
+):
+    """Ray Train storage on S3 (a moto server on 127.0.0.1): checkpoints and the kept best land
+    in the bucket, a local copy of the best loads, and a rerun with exp.resume=True continues
+    from the checkpoint in the bucket."""
+    import boto3
+
+    from hericap.training.driver import train
+
+    s3 = boto3.client("s3", endpoint_url=moto_server)
+    s3.create_bucket(Bucket="runs")
+
+    def run(*extra: str):
+        cfg = _shard_run_config(
+            "on_s3",
+            tmp_path,
+            tiny_shards,
+            "exp.storage_path=s3://runs/hericap",
+            "dataset.overfit=True",
+            "dataset.overfit_size=32",
+            "optimizer.finetune_sc_epochs=0",
+            "optimizer.checkpoint_num_to_keep=1",
+            *extra,
+        )
+        return train(cfg)
+
+    first = run("exp.epochs_per_run=1")
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="runs")["Contents"]}
+    assert any(k.startswith("hericap/train/checkpoint_") and k.endswith("/model.pt") for k in keys)
+    assert {"hericap/best/meta.json", "hericap/best/model.pt"} <= keys
+    assert [h["epoch"] for h in first.history] == [0]
+    assert load_checkpoint(first.best_checkpoint).meta["epoch"] == 0
+    assert (first.latest_checkpoint / "training_state.pt").is_file()  # a local copy
+
+    resumed = run("exp.resume=True")
+    # 32 images / (2 workers x 8) = 2 steps per epoch; the second run only trained epoch 2
+    assert [(h["epoch"], h["step"], h["attempt"]) for h in resumed.history] == [
+        (0, 2, 1),
+        (1, 4, 2),
+    ]
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="runs")["Contents"]}
+    kept = {k.split("/")[2] for k in keys if k.startswith("hericap/train/checkpoint_")}
+    kept.discard("checkpoint_manager_snapshot.json")
+    assert len(kept) == 1  # the last K=1; the best is kept aside
+    best = json.loads(s3.get_object(Bucket="runs", Key="hericap/best/meta.json")["Body"].read())
+    assert best["val_CIDEr"] == max(h["val_CIDEr"] for h in resumed.history)

@@ -36,7 +36,8 @@ class ExpConfig:
     seed: int = 123
     # Outputs go to <output_dir>/<name>/ (checkpoints, scores, results).
     output_dir: str = "outputs"
-    # Ray Train storage (local folder); defaults to <output_dir>/<name>/runs.
+    # Ray Train storage: a local folder or s3://bucket/prefix (endpoint: $AWS_ENDPOINT_URL);
+    # defaults to <output_dir>/<name>/runs.
     storage_path: str | None = None
     # Checkpoint folder to evaluate or serve (eval entrypoint).
     checkpoint: str | None = None
@@ -60,6 +61,11 @@ class ExpConfig:
     # Train at most this many epochs in this invocation, then stop with a checkpoint (0: all);
     # exp.resume=True continues. For time-boxed or preemptible slots.
     epochs_per_run: int = 0
+    # Likewise in optimiser steps (0: no limit); the run stops with a mid-epoch checkpoint.
+    steps_per_run: int = 0
+    # Also checkpoint every this many optimiser steps inside an epoch (0: at epoch ends only);
+    # a run resumed from one skips the batches it already trained on.
+    checkpoint_every_steps: int = 0
     # Worker failures (a dead process or node) the run recovers from, restarting from the last
     # checkpoint; -1: without limit.
     max_failures: int = 3
@@ -216,6 +222,8 @@ class OptimizerConfig:
     captions_per_image: int = 5
     # Stop after this many optimisation steps in total (0: no limit); tests use it.
     max_steps: int = 0
+    # The last K checkpoints (epoch and step ones) Ray keeps for resuming; the best by val
+    # CIDEr (and the best XE one when SCST follows) is copied aside and kept regardless.
     checkpoint_num_to_keep: int = 2
 
 
@@ -285,6 +293,14 @@ class Config:
             raise ValueError(f"optimizer.batch_size={opt.batch_size} must be >= 1")
         if opt.grad_accum_steps < 1:
             raise ValueError(f"optimizer.grad_accum_steps={opt.grad_accum_steps} must be >= 1")
+        if opt.checkpoint_num_to_keep < 1:
+            raise ValueError(
+                f"optimizer.checkpoint_num_to_keep={opt.checkpoint_num_to_keep} must be >= 1 "
+                "(the latest checkpoint is what a run resumes from)"
+            )
+        for key in ("epochs_per_run", "steps_per_run", "checkpoint_every_steps"):
+            if getattr(self.exp, key) < 0:
+                raise ValueError(f"exp.{key}={getattr(self.exp, key)} must be >= 0")
         if self.exp.mixed_precision not in MIXED_PRECISION:
             raise ValueError(
                 f"exp.mixed_precision={self.exp.mixed_precision!r}; known: {list(MIXED_PRECISION)}"

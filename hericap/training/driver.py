@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from hericap.data.transforms import resize_spec
 from hericap.training.loop import train_loop_per_worker
 from hericap.training.phases import configured_phases
 from hericap.training.run_logs import write_run_logs
+from hericap.training.run_storage import KEPT_BEST, RUN_NAME, KeepBest, RunStorage
 
 __all__ = [
     "TrainOutcome",
@@ -50,11 +50,11 @@ VAL_METRIC = "val_CIDEr"
 @dataclass
 class TrainOutcome:
     run_dir: Path
-    best_checkpoint: Path
+    best_checkpoint: Path | None  # local copy; None when no epoch has been validated yet
     best_metrics: dict[str, Any]
     history: list[dict[str, Any]]
     wall_s: float
-    latest_checkpoint: Path  # the last epoch's checkpoint (in the Ray storage folder)
+    latest_checkpoint: Path  # the last one written (local storage: in Ray's run folder)
     best_xe_checkpoint: Path | None = None  # runs with SCST: the best XE epoch, for comparison
 
 
@@ -143,12 +143,14 @@ def train(cfg: Config) -> TrainOutcome:
     manifest = ensure_shards(cfg)
     vocab = Vocabulary.load(manifest.vocab_path)
     run_dir = Path(cfg.run_dir).resolve()
-    storage = Path(cfg.exp.storage_path or run_dir / "runs").resolve()
-    if (storage / "train").exists() and not cfg.exp.resume:
+    storage = RunStorage.at(cfg.exp.storage_path or str(run_dir / "runs"))
+    if storage.exists(RUN_NAME) and not cfg.exp.resume:
         logger.warning(
-            "replacing the previous run in %s (exp.resume=True continues it)", storage / "train"
+            "replacing the previous run in %s (exp.resume=True continues it)",
+            storage.location(RUN_NAME),
         )
-        shutil.rmtree(storage / "train")
+        for name in (RUN_NAME, *KEPT_BEST):
+            storage.delete(name)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     train_files, val_files = manifest.files("train"), manifest.files("val")
@@ -228,15 +230,14 @@ def train(cfg: Config) -> TrainOutcome:
             },
         ),
         run_config=RunConfig(
-            name="train",
-            storage_path=str(storage),
+            name=RUN_NAME,
+            storage_path=storage.path,
+            storage_filesystem=storage.fs if storage.remote else None,
             failure_config=FailureConfig(max_failures=cfg.exp.max_failures),
-            checkpoint_config=CheckpointConfig(
-                # with SCST, keep enough that the best XE checkpoint survives the SCST epochs
-                num_to_keep=max(cfg.optimizer.checkpoint_num_to_keep, sc_epochs + 1),
-                checkpoint_score_attribute=VAL_METRIC,
-                checkpoint_score_order="max",
-            ),
+            # Ray keeps the last K (by time, so the latest: what a run resumes from); the best
+            # ones are copied aside by KeepBest as they are reported.
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.optimizer.checkpoint_num_to_keep),
+            callbacks=[KeepBest(storage, VAL_METRIC)],
         ),
         datasets=datasets,
         dataset_config=data_config,
@@ -253,45 +254,32 @@ def train(cfg: Config) -> TrainOutcome:
         n_train,
     )
     result = trainer.fit()
-    best = result.get_best_checkpoint(VAL_METRIC, "max")
-    if best is None:
-        raise RuntimeError(f"the run in {storage / 'train'} reported no checkpoint")
-    best_dir = run_dir / "best"
-    if best_dir.exists():
-        shutil.rmtree(best_dir)
-    shutil.copytree(best.path, best_dir)
-    best_metrics = json.loads((best_dir / "meta.json").read_text())
-    best_xe_dir = None
-    if sc_epochs:
-        xe_kept = [(c, m) for c, m in result.best_checkpoints if m.get("phase") == "xe"]
-        if xe_kept:
-            best_xe = max(xe_kept, key=lambda cm: cm[1][VAL_METRIC])[0]
-            best_xe_dir = run_dir / "best_xe"
-            if best_xe_dir.exists():
-                shutil.rmtree(best_xe_dir)
-            shutil.copytree(best_xe.path, best_xe_dir)
+    if result.checkpoint is None:
+        raise RuntimeError(f"the run in {storage.location(RUN_NAME)} reported no checkpoint")
+    best_dir = storage.fetch("best", run_dir / "best")
+    best_xe_dir = storage.fetch("best_xe", run_dir / "best_xe") if sc_epochs else None
+    latest = Path(result.checkpoint.path)
+    if storage.remote:  # a local copy of the latest too (metrics; eval without S3)
+        latest = storage.fetch_checkpoint(result.checkpoint, run_dir / "latest")
     # The latest checkpoint carries every epoch's metrics (Ray's metrics_dataframe holds only
     # the checkpoints it kept).
-    latest = result.checkpoint or best
-    with latest.as_directory() as d:
-        meta = json.loads((Path(d) / "meta.json").read_text())
+    meta = json.loads((latest / "meta.json").read_text())
     history = meta.get("history", [])
     logs = write_run_logs(run_dir, history, meta.get("steps", []))
     logger.info(
         "metrics: %s, %s; TensorBoard: %s", logs["metrics"], logs["steps"], logs["tensorboard"]
     )
-    logger.info(
-        "best checkpoint: epoch %d, val CIDEr %.3f -> %s",
-        best_metrics["epoch"],
-        best_metrics[VAL_METRIC],
-        best_dir,
-    )
+    best_metrics: dict[str, Any] = {}
+    if best_dir is None:  # stopped (exp.steps_per_run) before any epoch was validated
+        logger.warning("no validated checkpoint yet; resume the run (exp.resume=True)")
+    else:
+        best_metrics = json.loads((best_dir / "meta.json").read_text())
+        logger.info(
+            "best checkpoint: epoch %d, val CIDEr %.3f -> %s",
+            best_metrics["epoch"] + 1,
+            best_metrics[VAL_METRIC],
+            best_dir,
+        )
     return TrainOutcome(
-        run_dir,
-        best_dir,
-        best_metrics,
-        history,
-        time.time() - t_start,
-        Path(latest.path),
-        best_xe_dir,
+        run_dir, best_dir, best_metrics, history, time.time() - t_start, latest, best_xe_dir
     )

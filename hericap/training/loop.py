@@ -3,9 +3,11 @@ fine-tuned), validated every epoch.
 
 Every worker rebuilds typed objects from the plain-dict loop config, trains on its dataset shard
 under DDP, decodes its slice of the validation images, and all workers agree on val CIDEr-D.
-Rank 0 writes the checkpoint; every rank reports the same metrics. A run with a checkpoint
+Rank 0 writes the checkpoint; every rank reports the same metrics. Checkpoints come at every
+epoch end and, with ``exp.checkpoint_every_steps``, inside epochs. A run with a checkpoint
 (Ray's ``get_checkpoint``, e.g. after a worker failure or a rerun with ``exp.resume=True``)
-continues after its epoch with the saved optimiser, scheduler and RNG states.
+continues where it was written, with the saved optimiser, scheduler and RNG states; from a
+mid-epoch checkpoint it skips the batches of that epoch it already trained on.
 """
 
 from __future__ import annotations
@@ -216,6 +218,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         return opt, warmup_cosine(opt, opt_cfg.warmup_steps, total, opt_cfg.min_lr_ratio)
 
     start_epoch, step = 0, 0
+    # a mid-epoch checkpoint's position and running sums inside its epoch
+    progress: dict[str, Any] | None = None
     history: list[dict[str, Any]] = []  # every epoch's metrics, carried in each checkpoint
     step_log: list[dict[str, Any]] = []  # every log_every_steps-th update, likewise
     train_state: dict[str, Any] | None = None
@@ -228,10 +232,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             meta = json.loads((Path(d) / META_FILE).read_text())
             history, step_log = meta.get("history", []), meta.get("steps", [])
         _set_rng_state(train_state["rng"][min(rank, len(train_state["rng"]) - 1)])
-        start_epoch, step = train_state["epoch"] + 1, train_state["step"]
+        progress = train_state.get("epoch_progress")
+        start_epoch = train_state["epoch"] + (0 if progress else 1)
+        step = train_state["step"]
         attempt = train_state.get("attempt", 1) + 1
         if rank == 0:
-            logger.info("attempt %d: resumed from epoch %d, step %d", attempt, start_epoch, step)
+            logger.info(
+                "attempt %d: resumed at epoch %d%s, step %d",
+                attempt,
+                start_epoch + 1,
+                f" after {progress['batches']} batches" if progress else "",
+                step,
+            )
     else:
         attempt = 1
         random.seed(cfg.exp.seed + rank)
@@ -263,6 +275,38 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     last_epoch = epochs
     if cfg.exp.epochs_per_run:
         last_epoch = min(epochs, start_epoch + cfg.exp.epochs_per_run)
+    stop_step = step + cfg.exp.steps_per_run if cfg.exp.steps_per_run else None
+    every = cfg.exp.checkpoint_every_steps
+
+    def checkpoint_and_report(metrics: dict[str, Any], state: dict[str, Any]) -> None:
+        """Every rank reports ``metrics``; rank 0 also writes the checkpoint (model, optimiser,
+        scheduler, every rank's RNG state and ``state``)."""
+        rng_states = [_rng_state()]
+        if world > 1:
+            rng_states = [None] * world
+            dist.all_gather_object(rng_states, _rng_state())
+        if rank != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(
+                tmp,
+                net,
+                cfg,
+                vocab,
+                meta={**metrics, "history": history, "steps": step_log},
+                training_state={
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": rng_states,
+                    "step": step,
+                    "phase": phase.name,
+                    "attempt": attempt,
+                    **state,
+                },
+            )
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
     for epoch in range(start_epoch, last_epoch):
         if epoch >= phase.end_epoch:  # next phase: new optimiser, maybe (un)frozen backbone
             previous, phase = phase, phase_at(phases, epoch)
@@ -289,6 +333,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         caption_rng.seed(f"{cfg.exp.seed}/{rank}/{epoch}")
         model.train()
         t0, loss_sum, reward_sum, n_batches, n_updates = time.time(), 0.0, 0.0, 0, 0
+        skip = 0  # batches of this epoch trained before the mid-epoch checkpoint resumed from
+        if progress is not None and epoch == start_epoch:
+            skip = n_batches = progress["batches"]
+            n_updates, loss_sum, reward_sum = progress["updates"], *progress["sums"]
+            t0 -= progress["train_s"]
+            caption_rng.setstate(progress["caption_rng"])
+        stopping = False
         optimizer.zero_grad(set_to_none=True)
         for batch in train_iter.iter_batches(
             batch_size=opt_cfg.batch_size,
@@ -297,6 +348,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             local_shuffle_buffer_size=cfg.dataset.local_shuffle_buffer or None,
             local_shuffle_seed=cfg.exp.seed * 1000 + epoch * world + rank,
         ):
+            if skip:  # the same order as before (exp.deterministic): exact resume
+                skip -= 1
+                continue
             if n_batches >= batches_per_epoch or (opt_cfg.max_steps and step >= opt_cfg.max_steps):
                 break
             images = normalize_images(
@@ -371,6 +425,36 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     lr,
                     time.time() - run_start,
                 )
+            stopping = stop_step is not None and step >= stop_step
+            if n_batches < batches_per_epoch and ((every and step % every == 0) or stopping):
+                # inside the epoch (its end has its own checkpoint, with val scores)
+                checkpoint_and_report(
+                    {
+                        "phase": phase.kind,
+                        "phase_name": phase.name,
+                        "epoch": epoch,
+                        "step": step,
+                        "mid_epoch": True,
+                        "train_loss": loss_sum / n_batches,
+                        "attempt": attempt,
+                    },
+                    {
+                        "epoch": epoch,
+                        "epoch_progress": {
+                            "batches": n_batches,
+                            "updates": n_updates,
+                            "sums": (loss_sum, reward_sum),
+                            "train_s": time.time() - t0,
+                            "caption_rng": caption_rng.getstate(),
+                        },
+                    },
+                )
+            if stopping:
+                break
+        if stopping and n_batches < batches_per_epoch:
+            if rank == 0:
+                logger.info("stopping at step %d (exp.steps_per_run); resume to go on", step)
+            return
         train_time = time.time() - t0
         steps_min = steps_max = n_updates  # per-worker updates: equal when the shards are even
         if world > 1:  # every rank reports the same mean train loss and reward
@@ -436,30 +520,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 train_time,
                 time.time() - run_start,
             )
-        rng_states = [_rng_state()]
-        if world > 1:
-            rng_states = [None] * world
-            dist.all_gather_object(rng_states, _rng_state())
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(
-                    tmp,
-                    net,
-                    cfg,
-                    vocab,
-                    meta={**metrics, "history": history, "steps": step_log},
-                    training_state={
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "rng": rng_states,
-                        "epoch": epoch,
-                        "step": step,
-                        "phase": phase.name,
-                        "attempt": attempt,
-                    },
-                )
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics)
-        if opt_cfg.max_steps and step >= opt_cfg.max_steps:
+        checkpoint_and_report(metrics, {"epoch": epoch})
+        if stopping or (opt_cfg.max_steps and step >= opt_cfg.max_steps):
+            if stopping and rank == 0:
+                logger.info("stopping at step %d (exp.steps_per_run); resume to go on", step)
             break
