@@ -18,7 +18,8 @@ logger = logging.getLogger(__name__)
 def init_ray(
     address: str | None = None, num_cpus: int | None = None, dashboard: bool = True
 ) -> bool:
-    """Join ``address`` or start a local cluster; a no-op when Ray is already initialised.
+    """Join ``address`` (or ``$RAY_ADDRESS``, set for ``ray job submit`` drivers) or start a
+    local cluster; a no-op when Ray is already initialised.
 
     The dashboard stays on (bound to 127.0.0.1): Ray Train's placement-group cleaner and Tune's
     trial clean-up query its state API, and without it they spin on warnings.
@@ -28,6 +29,8 @@ def init_ray(
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # a `ray job submit` driver: the job manager names the cluster it runs on
+    address = address or os.environ.get("RAY_ADDRESS")
     kwargs = (
         {"address": address}
         if address
