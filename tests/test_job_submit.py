@@ -8,6 +8,7 @@ RAY_AUTH_MODE=token (RAY_NOTES.md).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -107,10 +108,8 @@ def ray_head():
             head.kill()
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in _pids_mentioning(temp):
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
             time.sleep(2)
         subprocess.run(["rm", "-rf", temp], check=False)
 
