@@ -1,0 +1,207 @@
+"""The Ray Serve captioning application: a FastAPI ingress over :class:`CaptionService`.
+
+* ``POST /caption``: the image as the raw body (an image content type) or as multipart field
+  ``image``; returns the caption, the top-n beams with their log-probabilities, the model id
+  and timings. Bad input gets a 4xx JSON ``{"error": reason}``; nothing is fetched from URLs.
+* ``GET /healthz``: the model id and the batching settings.
+* ``/docs``: OpenAPI (FastAPI's).
+
+Requests are batched by ``@serve.batch``; ``max_ongoing_requests`` is set above the batch size
+so batches can fill (Ray Serve's default of 5 would cap them).
+
+``serve run hericap.serve.app:build_app checkpoint=PATH`` and ``serve deploy`` configs
+(:func:`serve_config`) use :func:`build_app`.
+"""
+
+# No `from __future__ import annotations` here: FastAPI resolves the endpoint signatures of a
+# Serve ingress class at run time, and string annotations (Request) break that.
+import asyncio
+import logging
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from PIL import Image
+from ray import serve
+from ray.serve import Application
+
+from hericap.serve.images import ImageLimits, UploadRejectedError, check_content_type, open_upload
+from hericap.serve.service import CaptionService
+
+__all__ = ["DEFAULTS", "build_app", "serve_config"]
+
+logger = logging.getLogger("hericap.serve")
+
+# build_app's arguments and their defaults (also the keys of a Serve config's `args`)
+DEFAULTS: dict[str, Any] = {
+    "checkpoint": None,
+    "beam_size": 5,
+    "n_best": 3,
+    "max_len": 20,
+    "max_batch_size": 16,
+    "batch_wait_timeout_s": 0.01,
+    "num_replicas": 1,
+    "autoscaling": None,  # e.g. {"min_replicas": 1, "max_replicas": 4}; replaces num_replicas
+    "num_cpus": 1.0,
+    "torch_threads": 1,
+    "max_bytes": ImageLimits.max_bytes,
+    "max_pixels": ImageLimits.max_pixels,
+    "max_side": ImageLimits.max_side,
+}
+
+api = FastAPI(
+    title="HeriCap captioning",
+    description="POST an image, get captions (hierarchical encoder-decoder, beam search).",
+)
+
+
+def _error(status: int, reason: str) -> JSONResponse:
+    return JSONResponse({"error": reason, "status": status}, status_code=status)
+
+
+async def _read_body(request: Request, max_bytes: int) -> bytes:
+    """The body, refused (413) as soon as it passes ``max_bytes``, before reading the rest."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise UploadRejectedError(413, f"{declared} bytes is over the limit of {max_bytes}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise UploadRejectedError(413, f"body is over the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@serve.deployment
+@serve.ingress(api)
+class CaptionDeployment:
+    def __init__(
+        self,
+        checkpoint: str,
+        beam_size: int,
+        n_best: int,
+        max_len: int,
+        max_batch_size: int,
+        batch_wait_timeout_s: float,
+        torch_threads: int,
+        limits: ImageLimits,
+    ) -> None:
+        self.service = CaptionService(
+            checkpoint, beam_size=beam_size, n_best=n_best, max_len=max_len,
+            torch_threads=torch_threads,
+        )  # fmt: skip
+        self.limits = limits
+        self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
+        self._batched.set_max_batch_size(max_batch_size)
+        self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        logger.info("serving %s (batches of up to %d)", self.service.id, max_batch_size)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _batched(self, images: list[Image.Image]) -> list[dict[str, Any]]:
+        # the model runs off the event loop, so requests keep arriving while a batch decodes
+        return await asyncio.get_running_loop().run_in_executor(None, self.service.caption, images)
+
+    async def _image_from(self, request: Request) -> Image.Image:
+        media = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+        if media == "multipart/form-data":
+            declared = request.headers.get("content-length")
+            if declared and declared.isdigit() and int(declared) > self.limits.max_bytes + 65536:
+                raise UploadRejectedError(413, f"{declared} bytes is over the limit")
+            try:
+                form = await request.form()
+            except Exception as e:  # malformed multipart
+                raise UploadRejectedError(400, f"unreadable multipart body: {e}") from e
+            field = form.get("image")
+            if field is None or isinstance(field, str):
+                raise UploadRejectedError(
+                    400, f"multipart body has no file field 'image' (fields: {list(form.keys())})"
+                )
+            check_content_type(field.content_type or "image/jpeg")
+            data = await field.read(self.limits.max_bytes + 1)
+        else:
+            check_content_type(media)
+            data = await _read_body(request, self.limits.max_bytes)
+        return open_upload(data, self.limits)
+
+    @api.post("/caption")
+    async def caption(self, request: Request) -> JSONResponse:
+        """Caption one image: raw body with an image content type, or multipart ``image``."""
+        t0 = time.perf_counter()
+        try:
+            image = await self._image_from(request)
+        except UploadRejectedError as e:
+            return _error(e.status, e.reason)
+        result = await self._batched(image)
+        return JSONResponse(
+            {
+                "caption": result["caption"],
+                "beams": result["beams"],
+                "model": self.service.id,
+                "image": {"width": image.width, "height": image.height},
+                "timing": {
+                    "total_ms": 1000 * (time.perf_counter() - t0),
+                    "decode_ms": result["decode_ms"],
+                    "batch_size": result["batch_size"],
+                },
+            }
+        )
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": self.service.id,
+            "max_batch_size": self.max_batch_size,
+            "batch_wait_timeout_s": self.batch_wait_timeout_s,
+        }
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """The application for ``args`` (keys of :data:`DEFAULTS`; ``checkpoint`` required)."""
+    unknown = set(args) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown serve arguments {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    a = {**DEFAULTS, **args}
+    if not a["checkpoint"]:
+        raise ValueError("serve needs checkpoint=PATH (a HeriCap checkpoint folder)")
+    max_batch = int(a["max_batch_size"])
+    options: dict[str, Any] = {
+        # room for a full batch waiting while another decodes
+        "max_ongoing_requests": max(2 * max_batch, 8),
+        "ray_actor_options": {"num_cpus": float(a["num_cpus"])},
+    }
+    if a["autoscaling"]:
+        options["autoscaling_config"] = {
+            "target_ongoing_requests": max_batch,
+            **a["autoscaling"],
+        }
+    else:
+        options["num_replicas"] = int(a["num_replicas"])
+    return CaptionDeployment.options(**options).bind(
+        checkpoint=str(a["checkpoint"]),
+        beam_size=int(a["beam_size"]),
+        n_best=int(a["n_best"]),
+        max_len=int(a["max_len"]),
+        max_batch_size=max_batch,
+        batch_wait_timeout_s=float(a["batch_wait_timeout_s"]),
+        torch_threads=int(a["torch_threads"]),
+        limits=ImageLimits(int(a["max_bytes"]), int(a["max_pixels"]), int(a["max_side"])),
+    )
+
+
+def serve_config(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000) -> dict:
+    """A Serve config (``serve deploy FILE``) running :func:`build_app` with ``args``."""
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": host, "port": port},
+        "applications": [
+            {
+                "name": "hericap",
+                "route_prefix": "/",
+                "import_path": "hericap.serve.app:build_app",
+                "args": {k: v for k, v in {**DEFAULTS, **args}.items() if v is not None},
+            }
+        ],
+    }
