@@ -238,6 +238,19 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Ray Tune + Optuna + ASHA sweep over a space file; exports the best trial."""
+    from hericap.training.ray_utils import ray_session
+    from hericap.tune.sweep import load_space, run_sweep
+
+    space = load_space(args.space, args.overrides)
+    name = args.name or Path(args.space).stem
+    with ray_session(args.ray_address, None):
+        summary = run_sweep(space, name, args.output_dir, resume=args.resume)
+    print(json.dumps(summary))
+    return 0
+
+
 def _serve_args(args: argparse.Namespace) -> dict:
     from hericap.serve.server import resolve_checkpoint
 
@@ -374,6 +387,15 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("run_dir", help="the run folder, outputs/<exp.name>")
     pl.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png)")
     pl.set_defaults(func=cmd_plot)
+
+    tu = sub.add_parser("tune", help="Ray Tune + Optuna sweep (tune_spaces/*.yaml)")
+    tu.add_argument("--space", required=True, help="a space file, e.g. tune_spaces/tiny_cpu.yaml")
+    tu.add_argument("overrides", nargs="*", help="fixed key=value overrides for every trial")
+    tu.add_argument("--name", default=None, help="sweep name (default: the space file's stem)")
+    tu.add_argument("--output-dir", default="outputs", help="sweeps go to OUTPUT_DIR/NAME")
+    tu.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    tu.add_argument("--ray-address", default=None, help="Ray cluster (default: local)")
+    tu.set_defaults(func=cmd_tune)
 
     se = sub.add_parser("serve", help="Ray Serve HTTP captioning endpoint (127.0.0.1)")
     se.add_argument("--checkpoint", default=None, help="a checkpoint folder")

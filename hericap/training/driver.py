@@ -16,6 +16,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import ray
+import ray.train
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -134,8 +135,11 @@ def decode_concurrency(cfg: Config) -> int | None:
     return cfg.dataset.decode_concurrency or cfg.optimizer.num_workers or None
 
 
-def train(cfg: Config) -> TrainOutcome:
-    """Train per ``cfg`` on the current Ray cluster (call :func:`init_ray` first)."""
+def train(cfg: Config, callbacks: list[ray.train.UserCallback] | None = None) -> TrainOutcome:
+    """Train per ``cfg`` on the current Ray cluster (call :func:`init_ray` first).
+
+    ``callbacks`` run on the Ray Train controller after each report (a Tune sweep passes Ray
+    Tune's ``TuneReportCallback`` here)."""
     t_start = time.time()
     phases = configured_phases(cfg.optimizer)
     sc_epochs = sum(p.epochs for p in phases if p.kind == "sc")
@@ -237,7 +241,7 @@ def train(cfg: Config) -> TrainOutcome:
             # Ray keeps the last K (by time, so the latest: what a run resumes from); the best
             # ones are copied aside by KeepBest as they are reported.
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.optimizer.checkpoint_num_to_keep),
-            callbacks=[KeepBest(storage, VAL_METRIC)],
+            callbacks=[KeepBest(storage, VAL_METRIC), *(callbacks or [])],
         ),
         datasets=datasets,
         dataset_config=data_config,

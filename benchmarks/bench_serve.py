@@ -1,0 +1,133 @@
+"""The captioning endpoint with dynamic batching vs ``max_batch_size=1``: same model, same
+replica count, same client load, one run.
+
+Serves an untrained ``demo``-sized model (the timing does not depend on training) on a local
+Ray cluster at 127.0.0.1, sends ``--requests`` JPEG requests (real photos from
+``skimage.data``) from ``--concurrency`` client threads to each configuration in turn, and
+prints requests/s and p50/p99 latency. Prints one JSON object on its last line.
+
+    python benchmarks/bench_serve.py [--requests 300] [--concurrency 16] [--max-batch-size 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import socket
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import requests
+import torch
+from PIL import Image
+
+from hericap.config.loader import load_config
+from hericap.data.text import Vocabulary
+from hericap.models.builder import build_captioner
+from hericap.serve.server import start, stop
+from hericap.training.checkpoint import save_checkpoint
+
+
+def _photos() -> list[bytes]:
+    from skimage import data
+
+    out = []
+    for array in (data.astronaut(), data.coffee(), data.chelsea(), data.rocket()):
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def _checkpoint(folder: Path) -> Path:
+    cfg = load_config(["preset=demo"])
+    words = "a an the one two three red blue green circle square triangle above below left".split()
+    vocab = Vocabulary(words, min_count=1)
+    torch.manual_seed(0)
+    model = build_captioner(cfg.model, len(vocab), cfg.dataset.image_size)
+    return save_checkpoint(folder / "ckpt", model, cfg, vocab, meta={"epoch": 0})
+
+
+def _load(url: str, photos: list[bytes], n: int, concurrency: int) -> dict:
+    def post(i: int) -> tuple[float, int, int]:
+        t0 = time.perf_counter()
+        r = requests.post(
+            f"{url}/caption",
+            data=photos[i % len(photos)],
+            headers={"Content-Type": "image/jpeg"},
+            timeout=300,
+        )
+        batch = r.json().get("timing", {}).get("batch_size", 0) if r.ok else 0
+        return time.perf_counter() - t0, r.status_code, batch
+
+    with ThreadPoolExecutor(concurrency) as pool:  # warm-up
+        list(pool.map(post, range(concurrency)))
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(post, range(n)))
+    wall = time.perf_counter() - t0
+    latencies = np.array([r[0] for r in results]) * 1000
+    return {
+        "requests_per_s": round(n / wall, 2),
+        "p50_ms": round(float(np.percentile(latencies, 50)), 1),
+        "p99_ms": round(float(np.percentile(latencies, 99)), 1),
+        "errors": sum(1 for r in results if r[1] != 200),
+        "mean_batch": round(float(np.mean([r[2] for r in results])), 2),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--requests", type=int, default=300)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--batch-wait-ms", type=float, default=10.0)
+    p.add_argument("--beam-size", type=int, default=3)
+    p.add_argument("--replica-cpus", type=float, default=1.0)
+    args = p.parse_args()
+
+    photos = _photos()
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = _checkpoint(Path(tmp))
+        figures = {}
+        for name, batch in (("batched", args.max_batch_size), ("unbatched", 1)):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            url = start(
+                {
+                    "checkpoint": str(ckpt),
+                    "beam_size": args.beam_size,
+                    "n_best": 1,
+                    "max_batch_size": batch,
+                    "batch_wait_timeout_s": args.batch_wait_ms / 1000,
+                    "num_cpus": args.replica_cpus,
+                    "torch_threads": max(1, int(args.replica_cpus)),
+                },
+                port=port,
+            )
+            figures[name] = _load(url, photos, args.requests, args.concurrency)
+            print(name, figures[name], flush=True)
+            stop()
+    b, u = figures["batched"], figures["unbatched"]
+    print(
+        json.dumps(
+            {
+                "concurrency": args.concurrency,
+                "requests": args.requests,
+                "max_batch_size": args.max_batch_size,
+                "batched": b,
+                "unbatched": u,
+                "throughput_ratio": round(b["requests_per_s"] / u["requests_per_s"], 2),
+                "p99_ratio": round(b["p99_ms"] / u["p99_ms"], 2),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
