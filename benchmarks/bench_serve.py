@@ -45,7 +45,23 @@ def _photos() -> list[bytes]:
 
 def _checkpoint(folder: Path) -> Path:
     cfg = load_config(["preset=demo"])
-    words = "a an the one two three red blue green circle square triangle above below left".split()
+    words = [
+        "a",
+        "an",
+        "the",
+        "one",
+        "two",
+        "three",
+        "red",
+        "blue",
+        "green",
+        "circle",
+        "square",
+        "triangle",
+        "above",
+        "below",
+        "left",
+    ]
     vocab = Vocabulary(words, min_count=1)
     torch.manual_seed(0)
     model = build_captioner(cfg.model, len(vocab), cfg.dataset.image_size)
