@@ -32,6 +32,9 @@ RAY_FREE = [
     "hericap.models.global_encoder",
     "hericap.models.routing",
     "hericap.models.grit_checkpoint",
+    "hericap.serve.images",
+    "hericap.serve.service",
+    "hericap.evaluation.explain",
 ]
 
 

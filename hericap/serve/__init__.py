@@ -1,5 +1,2 @@
-"""Ray Serve HTTP captioning endpoint for a checkpoint (planned).
-
-It will host :class:`hericap.evaluation.inference.CaptionPredictor` behind a FastAPI ingress
-with ``@serve.batch`` dynamic batching.
-"""
+"""The captioning endpoint: upload checks and batch captioning (``images``, ``service``; no
+Ray), and the Ray Serve application with its FastAPI ingress (``app``, ``server``)."""
