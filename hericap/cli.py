@@ -433,6 +433,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         logger.error("%s", e)
         return 2
+    except RuntimeError as e:
+        if type(e).__name__ != "NotEnoughResourcesError":  # without importing Ray here
+            raise
+        logger.error("%s", e)
+        return 2
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from hericap.training.run_logs import write_run_logs
 from hericap.training.run_storage import KEPT_BEST, RUN_NAME, KeepBest, RunStorage
 
 __all__ = [
+    "NotEnoughResourcesError",
     "TrainOutcome",
     "decode_concurrency",
     "ensure_shards",
@@ -116,12 +117,16 @@ def first_image_ids(files: list[Path], limit: int) -> list[str]:
     return ids[:limit]
 
 
+class NotEnoughResourcesError(RuntimeError):
+    """The run asks for more than the Ray cluster has (a user error: no traceback needed)."""
+
+
 def _check_gpus(cfg: Config) -> bool:
     if cfg.exp.ngpus_per_node <= 0:
         return False
     have = int(ray.cluster_resources().get("GPU", 0))
     if have < cfg.exp.world_size:
-        raise RuntimeError(
+        raise NotEnoughResourcesError(
             f"exp.world_size={cfg.exp.world_size} workers with exp.ngpus_per_node="
             f"{cfg.exp.ngpus_per_node} ask for {cfg.exp.world_size} GPUs, but the Ray cluster has "
             f"{have}. To run on CPU: exp.ngpus_per_node=0 exp.world_size=N (N CPU workers)"
