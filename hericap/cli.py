@@ -15,7 +15,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from hericap.config.loader import ConfigError, from_dict, list_presets, load_config
+from hericap.config.loader import (
+    ConfigError,
+    NotEnoughResourcesError,
+    from_dict,
+    list_presets,
+    load_config,
+)
 from hericap.log import setup_logging
 
 logger = logging.getLogger("hericap")
@@ -288,7 +294,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_caption(args: argparse.Namespace) -> int:
     """Caption image files with a checkpoint (no Ray); optionally draw attention maps."""
-    from hericap.data.transforms import resize_to_canvas
     from hericap.serve.images import ImageLimits, UploadRejectedError, open_upload
     from hericap.serve.service import CaptionService
 
@@ -309,10 +314,10 @@ def cmd_caption(args: argparse.Namespace) -> int:
             out = Path(args.explain)
             if len(args.images) > 1:
                 out = out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}")
-            canvas, hw = resize_to_canvas(image, service.resize)
+            canvases, sizes = service.prepare([image])
             vocab = service.loaded.vocab
             tokens = vocab.encode(caption)[1:-1]
-            explain(service.loaded.model, vocab, canvas, hw, tokens, out)
+            explain(service.loaded.model, vocab, canvases[0], tuple(sizes[0]), tokens, out)
             print(f"attention maps: {out}")
     return 1 if failures else 0
 
@@ -430,12 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        logger.error("%s", e)
-        return 2
-    except RuntimeError as e:
-        if type(e).__name__ != "NotEnoughResourcesError":  # without importing Ray here
-            raise
+    except (ConfigError, NotEnoughResourcesError, FileNotFoundError, ValueError) as e:
         logger.error("%s", e)
         return 2
 

@@ -20,7 +20,14 @@ from omegaconf.errors import OmegaConfBaseException
 
 from hericap.config.schema import Config
 
-__all__ = ["ConfigError", "list_presets", "load_config", "to_dict", "valid_keys"]
+__all__ = [
+    "ConfigError",
+    "NotEnoughResourcesError",
+    "list_presets",
+    "load_config",
+    "to_dict",
+    "valid_keys",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +36,11 @@ _PRESET_PACKAGE = "hericap.config.presets"
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message says what to change."""
+
+
+class NotEnoughResourcesError(RuntimeError):
+    """A run asks for more than the Ray cluster has (GPUs); the message says what exists and
+    how to run instead. A user error: the CLI reports it without a traceback."""
 
 
 def list_presets() -> list[str]:

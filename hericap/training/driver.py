@@ -20,7 +20,7 @@ import ray.train
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from hericap.config.loader import to_dict
+from hericap.config.loader import NotEnoughResourcesError, to_dict
 from hericap.config.schema import Config
 from hericap.data import synthetic
 from hericap.data.augment import train_augmentation
@@ -35,7 +35,6 @@ from hericap.training.run_logs import write_run_logs
 from hericap.training.run_storage import KEPT_BEST, RUN_NAME, KeepBest, RunStorage
 
 __all__ = [
-    "NotEnoughResourcesError",
     "TrainOutcome",
     "decode_concurrency",
     "ensure_shards",
@@ -115,10 +114,6 @@ def first_image_ids(files: list[Path], limit: int) -> list[str]:
         if len(ids) >= limit:
             break
     return ids[:limit]
-
-
-class NotEnoughResourcesError(RuntimeError):
-    """The run asks for more than the Ray cluster has (a user error: no traceback needed)."""
 
 
 def _check_gpus(cfg: Config) -> bool:

@@ -426,6 +426,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     time.time() - run_start,
                 )
             stopping = stop_step is not None and step >= stop_step
+            if stopping and rank == 0:
+                logger.info("stopping at step %d (exp.steps_per_run); resume to go on", step)
             if n_batches < batches_per_epoch and ((every and step % every == 0) or stopping):
                 # inside the epoch (its end has its own checkpoint, with val scores)
                 checkpoint_and_report(
@@ -452,8 +454,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if stopping:
                 break
         if stopping and n_batches < batches_per_epoch:
-            if rank == 0:
-                logger.info("stopping at step %d (exp.steps_per_run); resume to go on", step)
             return
         train_time = time.time() - t0
         steps_min = steps_max = n_updates  # per-worker updates: equal when the shards are even
@@ -522,6 +522,4 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             )
         checkpoint_and_report(metrics, {"epoch": epoch})
         if stopping or (opt_cfg.max_steps and step >= opt_cfg.max_steps):
-            if stopping and rank == 0:
-                logger.info("stopping at step %d (exp.steps_per_run); resume to go on", step)
             break

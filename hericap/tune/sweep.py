@@ -23,6 +23,7 @@ rerun). At the end: ``results.csv``, ``trials.png`` and the best trial's checkpo
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -38,8 +39,8 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from hericap.config.loader import ConfigError, load_config
-from hericap.config.schema import Config
 from hericap.training.driver import VAL_METRIC, ensure_shards, shard_dir, train
+from hericap.training.phases import configured_phases
 
 __all__ = ["SweepSpace", "export_best", "load_space", "run_sweep"]
 
@@ -132,13 +133,6 @@ def _trainable(params: dict[str, Any], space: SweepSpace, shards: str) -> None:
     train(cfg, callbacks=[TuneReportCallback()])
 
 
-def _flat(cfg: Config, key: str) -> Any:
-    obj: Any = cfg
-    for part in key.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def run_sweep(
     space: SweepSpace,
     name: str,
@@ -167,15 +161,7 @@ def run_sweep(
         if experiment.exists():
             logger.warning("replacing the previous sweep in %s (--resume continues it)", experiment)
             shutil.rmtree(experiment)
-        max_epochs = sum(
-            getattr(base.optimizer, k)
-            for k in (
-                "freezing_xe_epochs",
-                "freezing_sc_epochs",
-                "finetune_xe_epochs",
-                "finetune_sc_epochs",
-            )
-        )
+        max_epochs = configured_phases(base.optimizer)[-1].end_epoch
         search = ConcurrencyLimiter(
             OptunaSearch(metric=VAL_METRIC, mode="max", seed=space.seed),
             max_concurrent=space.max_concurrent,
@@ -183,7 +169,7 @@ def run_sweep(
         scheduler = ASHAScheduler(
             metric=VAL_METRIC,
             mode="max",
-            max_t=max(1, max_epochs),
+            max_t=max_epochs,
             grace_period=int(space.asha.get("grace_period", 1)),
             reduction_factor=float(space.asha.get("reduction_factor", 2)),
         )
@@ -231,11 +217,9 @@ def export_best(grid: tune.ResultGrid, space: SweepSpace, sweep_root: Path) -> d
         )
     if not rows:
         raise RuntimeError(f"the sweep in {sweep_root} has no trials")
-    csv = sweep_root / "results.csv"
-    import csv as csv_module
-
-    with csv.open("w", newline="") as f:
-        writer = csv_module.DictWriter(f, fieldnames=list(rows[0]))
+    table = sweep_root / "results.csv"
+    with table.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
 
@@ -267,7 +251,7 @@ def export_best(grid: tune.ResultGrid, space: SweepSpace, sweep_root: Path) -> d
         "params": {k: winner[k] for k in space.params},
         VAL_METRIC: winner["best_val_CIDEr"],
         "trials": len(rows),
-        "results": str(csv),
+        "results": str(table),
         "plot": str(png),
         "best": str(best),
     }
