@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny_model import TINY_MODEL
 
 from hericap.training.checkpoint import load_checkpoint
 
@@ -144,12 +145,7 @@ def test_ray_job_submit_trains_on_a_running_cluster(ray_head, tmp_path):
             "dataset.synthetic_val=8",
             "dataset.synthetic_test=8",
             "dataset.vocab_min_count=1",
-            "model.d_model=32",
-            "model.n_heads=2",
-            "model.d_ff=64",
-            "model.grid_layers=1",
-            "model.cap_generator.n_layers=1",
-            "model.extractor.embed_dim=16",
+            *TINY_MODEL,
             "optimizer.batch_size=8",
             "optimizer.finetune_xe_epochs=1",
             "optimizer.finetune_sc_epochs=0",

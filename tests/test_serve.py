@@ -18,6 +18,7 @@ import requests
 import torch
 import yaml
 from PIL import Image
+from tiny_model import TINY_MODEL
 
 from hericap.config import load_config
 from hericap.data.text import Vocabulary
@@ -26,12 +27,7 @@ from hericap.training.checkpoint import save_checkpoint
 
 TINY = [
     "preset=demo",
-    "model.d_model=32",
-    "model.n_heads=2",
-    "model.d_ff=64",
-    "model.grid_layers=1",
-    "model.cap_generator.n_layers=1",
-    "model.extractor.embed_dim=16",
+    *TINY_MODEL,
 ]
 MAX_BYTES = 2_000_000
 

@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 from PIL import Image
+from tiny_model import TINY_MODEL
 
 from hericap.config import load_config
 from hericap.training.checkpoint import load_checkpoint
@@ -20,12 +21,7 @@ pytestmark = pytest.mark.ray
 
 TINY = [
     "preset=demo",
-    "model.d_model=32",
-    "model.n_heads=2",
-    "model.d_ff=64",
-    "model.grid_layers=1",
-    "model.cap_generator.n_layers=1",
-    "model.extractor.embed_dim=16",
+    *TINY_MODEL,
     "optimizer.batch_size=8",
     "optimizer.finetune_xe_epochs=2",
     "optimizer.warmup_steps=2",
