@@ -247,12 +247,18 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     """Ray Tune + Optuna + ASHA sweep over a space file; exports the best trial."""
     from hericap.training.ray_utils import ray_session
-    from hericap.tune.sweep import load_space, run_sweep
+    from hericap.tune.sweep import SweepInterruptedError, load_space, run_sweep
 
     space = load_space(args.space, args.overrides)
     name = args.name or Path(args.space).stem
-    with ray_session(args.ray_address, None):
-        summary = run_sweep(space, name, args.output_dir, resume=args.resume)
+    try:
+        # a local cluster gets the preset's logical CPUs (demo: 4), as `hericap train` does: on
+        # 2 cores, 2 CPUs leave Ray Data's read tasks none beside a trial's workers (deadlock)
+        with ray_session(args.ray_address, space.base_config().exp.ray_num_cpus):
+            summary = run_sweep(space, name, args.output_dir, resume=args.resume)
+    except SweepInterruptedError as e:
+        logger.error("%s", e)
+        return 130  # the shell's code for "stopped by Ctrl-C"
     print(json.dumps(summary))
     return 0
 

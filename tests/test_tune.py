@@ -1,11 +1,15 @@
-"""A Ray Tune + Optuna + ASHA sweep with the tiny CPU space: restored (Tuner.restore) without
-rerunning finished trials, results table and plot written, the best trial exported, and the
-endpoint serving that export."""
+"""A Ray Tune + Optuna + ASHA sweep with the tiny CPU space: Ctrl-C'd mid-way, then restored
+(Tuner.restore) without rerunning the finished trial; results table and plot written, the best
+trial exported, and the endpoint serving that export."""
 
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,23 +46,58 @@ def test_space_files_are_checked_before_anything_runs(tmp_path):
         load_space(bad)
 
 
-def test_sweep_resumes_exports_the_best_and_the_endpoint_serves_it(ray_cluster, tmp_path):
+def _finished_trials(experiment: Path) -> dict[str, str]:
+    """Trial folder name -> result.json text, for the trials whose last result says done."""
+    out = {}
+    for path in experiment.glob("*/result.json"):
+        text = path.read_text()
+        if '"done": true' in text:
+            out[path.parent.name] = text
+    return out
+
+
+def test_an_interrupted_sweep_resumes_exports_the_best_and_the_endpoint_serves_it(
+    ray_cluster, tmp_path
+):
     from hericap.serve.server import start, stop
     from hericap.tune.sweep import load_space, run_sweep
 
-    space = load_space(REPO / "tune_spaces" / "tiny_cpu.yaml")
-    space.overrides.append(f"dataset.shard_dir={tmp_path / 'shards'}")
-    first = run_sweep(space, "tiny", str(tmp_path))
-    assert first["trials"] == 2
+    space_file = REPO / "tune_spaces" / "tiny_cpu.yaml"
+    shards = f"dataset.shard_dir={tmp_path / 'shards'}"
     experiment = tmp_path / "tiny" / "sweep"
-    finished = {p.parent.name: p.read_text() for p in experiment.glob("*/result.json")}
-    assert len(finished) == 2 and all('"done": true' in r for r in finished.values())
+    log_path = tmp_path / "tune.log"
+    # `hericap tune` in its own process on the session's cluster, Ctrl-C'd (SIGINT) as soon as
+    # its first trial has finished, while the second one runs
+    cmd = [sys.executable, "-m", "hericap.cli", "tune", "--space", str(space_file), shards]
+    cmd += ["--name", "tiny", "--output-dir", str(tmp_path)]
+    cmd += ["--ray-address", ray_cluster.get_runtime_context().gcs_address]
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 420
+        while not _finished_trials(experiment) and proc.poll() is None:
+            assert time.monotonic() < deadline, "no trial finished in 7 minutes"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = log_path.read_text()
+    assert code == 130, log[-3000:]
+    assert "1 of 2 trials unfinished" in log and "--resume" in log, log[-3000:]
+    assert not (tmp_path / "tiny" / "best").exists()  # no partial "best" exported
+    finished = _finished_trials(experiment)
+    assert len(finished) == 1
 
-    # --resume restores the sweep (Tuner.restore): finished trials are not run again
+    # --resume restores the sweep (Tuner.restore): the finished trial is not run again, the
+    # interrupted one is completed
+    space = load_space(space_file, [shards])
     summary = run_sweep(space, "tiny", str(tmp_path), resume=True)
-    assert summary["trials"] == 2 and summary["val_CIDEr"] == first["val_CIDEr"]
+    assert summary["trials"] == 2
     for trial, results in finished.items():
         assert (experiment / trial / "result.json").read_text() == results
+    assert len(_finished_trials(experiment)) == 2
     rows = (tmp_path / "tiny" / "results.csv").read_text().splitlines()
     assert len(rows) == 3 and "best_val_CIDEr" in rows[0] and "decoder_name" in rows[0]
     with Image.open(tmp_path / "tiny" / "trials.png") as png:

@@ -42,7 +42,7 @@ from hericap.config.loader import ConfigError, load_config
 from hericap.training.driver import VAL_METRIC, ensure_shards, shard_dir, train
 from hericap.training.phases import configured_phases
 
-__all__ = ["SweepSpace", "export_best", "load_space", "run_sweep"]
+__all__ = ["SweepInterruptedError", "SweepSpace", "export_best", "load_space", "run_sweep"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,10 @@ SPACE_KEYS = {
 }
 
 
+class SweepInterruptedError(RuntimeError):
+    """The sweep stopped before all its trials finished (Ctrl-C / SIGINT); its state is saved."""
+
+
 @dataclass
 class SweepSpace:
     """A parsed space file."""
@@ -71,6 +75,10 @@ class SweepSpace:
     trial_cpus: float = 0.1
     asha: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+
+    def base_config(self):
+        """The config every trial starts from (preset + fixed overrides)."""
+        return load_config([f"preset={self.preset}", *self.overrides])
 
     def tune_space(self) -> dict[str, Any]:
         out = {}
@@ -143,12 +151,12 @@ def run_sweep(
     the plot and the best trial's checkpoint.
 
     ``resume`` restores an interrupted sweep (Ctrl-C, a lost driver) with ``Tuner.restore``:
-    finished trials keep their results, unfinished and errored ones run again. (Ray 2.60 marks
-    the search itself finished when a sweep is stopped, so no new samples are drawn after a
-    restore; trials already created are completed.)"""
+    finished trials keep their results, unfinished and errored ones run again, and the searcher
+    draws the samples still missing. A sweep stopped before all ``num_samples`` trials finished
+    raises :class:`SweepInterruptedError` instead of exporting a partial best."""
     sweep_root = Path(output_dir, name).resolve()
     experiment = sweep_root / "sweep"
-    base = load_config([f"preset={space.preset}", *space.overrides])
+    base = space.base_config()
     ensure_shards(base)  # once, before the trials: they all read the same shards
     shards = str(shard_dir(base).resolve())
     trainable = tune.with_resources(
@@ -186,6 +194,17 @@ def run_sweep(
             ),
         )
     grid = tuner.fit()
+    # Tune catches the first SIGINT, saves the sweep, stops the running trials (they then read
+    # TERMINATED) and returns normally; a trial that really ended (its last epoch, or stopped by
+    # ASHA) has ``done`` in its last result. Exporting "the best" of a half-run sweep would pass a
+    # partial answer off as the sweep's result.
+    ended = sum(1 for r in grid if r.error or (r.metrics or {}).get("done"))
+    unfinished = space.num_samples - ended
+    if unfinished > 0:
+        raise SweepInterruptedError(
+            f"the sweep {name} stopped with {unfinished} of {space.num_samples} trials "
+            f"unfinished; its state is saved in {experiment}: continue it with --resume"
+        )
     return export_best(grid, space, sweep_root)
 
 
