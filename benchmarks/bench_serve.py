@@ -4,7 +4,9 @@ replica count, same client load, one run.
 Serves an untrained ``demo``-sized model (the timing does not depend on training) on a local
 Ray cluster at 127.0.0.1, sends ``--requests`` JPEG requests (real photos from
 ``skimage.data``) from ``--concurrency`` client threads to each configuration in turn, and
-prints requests/s and p50/p99 latency. Prints one JSON object on its last line.
+prints requests/s and p50/p99 latency; then times the model alone (no HTTP, no Ray) at batch 1
+and at the batch size, whose ratio is the most batching can give on this machine. Prints one
+JSON object on its last line.
 
     python benchmarks/bench_serve.py [--requests 300] [--concurrency 16] [--max-batch-size 16]
 """
@@ -16,6 +18,7 @@ import io
 import json
 import socket
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -68,10 +71,37 @@ def _checkpoint(folder: Path) -> Path:
     return save_checkpoint(folder / "ckpt", model, cfg, vocab, meta={"epoch": 0})
 
 
-def _load(url: str, photos: list[bytes], n: int, concurrency: int) -> dict:
-    def post(i: int) -> tuple[float, int, int]:
+def _model_only(ckpt: Path, photos: list[bytes], beam_size: int, batch: int) -> dict:
+    """The model alone (no HTTP, no Ray) in this process, one thread: ms per image at batch 1
+    and at ``batch``. Their ratio is the most batching can give on this machine's CPU."""
+    from hericap.serve.images import ImageLimits, open_upload
+    from hericap.serve.service import CaptionService
+
+    service = CaptionService(str(ckpt), beam_size=beam_size, n_best=1, torch_threads=1)
+    images = [open_upload(p, ImageLimits()) for p in photos]
+    out = {}
+    for size in (1, batch):
+        chunk = (images * batch)[:size]
+        service.caption(chunk)  # warm-up
         t0 = time.perf_counter()
-        r = requests.post(
+        for _ in range(5):
+            service.caption(chunk)
+        out[f"ms_per_image_batch_{size}"] = round((time.perf_counter() - t0) / 5 / size * 1000, 2)
+    out["ceiling_ratio"] = round(
+        out["ms_per_image_batch_1"] / out[f"ms_per_image_batch_{batch}"], 2
+    )
+    return out
+
+
+def _load(url: str, photos: list[bytes], n: int, concurrency: int) -> dict:
+    local = threading.local()
+
+    def post(i: int) -> tuple[float, int, int]:
+        # one keep-alive connection per client thread, as load generators (wrk, locust) do
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+        t0 = time.perf_counter()
+        r = local.session.post(
             f"{url}/caption",
             data=photos[i % len(photos)],
             headers={"Content-Type": "image/jpeg"},
@@ -129,6 +159,8 @@ def main() -> None:
             figures[name] = _load(url, photos, args.requests, args.concurrency)
             print(name, figures[name], flush=True)
             stop()
+        model_only = _model_only(ckpt, photos, args.beam_size, args.max_batch_size)
+        print("model only", model_only, flush=True)
     b, u = figures["batched"], figures["unbatched"]
     print(
         json.dumps(
@@ -140,6 +172,7 @@ def main() -> None:
                 "unbatched": u,
                 "throughput_ratio": round(b["requests_per_s"] / u["requests_per_s"], 2),
                 "p99_ratio": round(b["p99_ms"] / u["p99_ms"], 2),
+                "model_only": model_only,
             }
         )
     )
