@@ -8,7 +8,7 @@ the batch's reference vectors are computed on first use.
 Real captions from ``$HERICAP_REALDATA`` (Flickr8k Karpathy train split) when available, else the
 synthetic dataset. Prints one JSON object on its last line.
 
-    python benchmarks/bench_cider.py [--images 50] [--per-image 5] [--repeats 5]
+    python benchmarks/bench_cider.py [--images 50] [--per-image 5] [--repeats 20]
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=50)
     ap.add_argument("--per-image", type=int, default=5)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
     source, corpus = load_corpus()
     rng = random.Random(0)

@@ -18,6 +18,7 @@ Texts are expected in the toolkit's tokenised form (:func:`hericap.data.ptb.ptb_
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from itertools import chain
 
 import numpy as np
 
@@ -68,8 +69,10 @@ class CiderD:
         uniq, dense = np.unique(keys, return_inverse=True)
         per_image = np.unique(ref_image[rows] * max(len(uniq), 1) + dense)
         df = np.bincount(per_image % max(len(uniq), 1), minlength=len(uniq))
-        self._df_keys, self._df = uniq, df.astype(np.float64)
+        self._df_keys = uniq
         self.ref_len = float(np.log(float(len(ref_ids))))
+        # each corpus n-gram's idf weight, log(images) - log(df), once rather than per batch
+        self._idf = self.ref_len - np.log(np.maximum(1.0, df.astype(np.float64)))
         self._cache: dict[int, tuple[np.ndarray, ...]] = {}
         if int(counts.sum()) <= precompute_max_refs:
             chunk = 2000
@@ -130,8 +133,8 @@ class CiderD:
         pos_u = np.minimum(np.searchsorted(self._df_keys, uniq), len(self._df_keys) - 1)
         pos = pos_u[dense[first]]
         known = self._df_keys[pos] == keys
-        df = np.where(known, self._df[pos], 0.0)
-        weights = tf * (self.ref_len - np.log(np.maximum(1.0, df)))
+        # an n-gram in no reference has df 0, which the toolkit clips to 1: idf log(images)
+        weights = tf * np.where(known, self._idf[pos], self.ref_len)
         norms = np.sqrt(
             np.bincount(rows * self.n + orders, weights=weights * weights, minlength=b * self.n)
         ).reshape(b, self.n)
@@ -259,15 +262,15 @@ class CiderD:
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Tokenised texts -> ``[B, T]`` word ids, 0-padded (one dictionary pass for all)."""
         split = [t.split() for t in texts]
-        lengths = np.fromiter((len(w) for w in split), dtype=np.int64, count=len(split))
-        get = self._words.get
-        flat = [get(w) for words in split for w in words]
+        lengths = np.fromiter(map(len, split), dtype=np.int64, count=len(split))
+        flat = list(map(self._words.get, chain.from_iterable(split)))
         if None in flat:  # unseen words: the slower path that gives them fresh ids
-            flat = [self._word_id(w) for words in split for w in words]
+            flat = list(map(self._word_id, chain.from_iterable(split)))
         out = np.zeros((len(texts), max(int(lengths.max(initial=0)), 1)), dtype=np.uint64)
-        rows = np.repeat(np.arange(len(texts)), lengths)
-        cols = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        out[rows, cols] = np.asarray(flat, dtype=np.uint64)
+        # row-major boolean mask: the words fill each row from the left, rows in order
+        out[np.arange(out.shape[1])[None, :] < lengths[:, None]] = np.fromiter(
+            flat, dtype=np.uint64, count=len(flat)
+        )
         return out
 
 
