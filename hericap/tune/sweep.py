@@ -39,6 +39,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from hericap.config.loader import ConfigError, load_config
+from hericap.config.schema import Config
 from hericap.training.driver import VAL_METRIC, ensure_shards, shard_dir, train
 from hericap.training.phases import configured_phases
 
@@ -76,7 +77,7 @@ class SweepSpace:
     asha: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
 
-    def base_config(self):
+    def base_config(self) -> Config:
         """The config every trial starts from (preset + fixed overrides)."""
         return load_config([f"preset={self.preset}", *self.overrides])
 
