@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 from hericap.data.prepare import prepare_synthetic
 from hericap.data.shards import Manifest
@@ -60,9 +61,7 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def moto_server():
     """``moto_server`` (moto[server]) on a free port of 127.0.0.1, stopped by PID afterwards."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     exe = Path(sys.executable).with_name("moto_server")
     proc = subprocess.Popen(
         [str(exe), "-H", "127.0.0.1", "-p", str(port)],

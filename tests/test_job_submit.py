@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import free_ports
 from tiny_model import TINY_MODEL
 
 from hericap.training.checkpoint import load_checkpoint
@@ -27,16 +27,6 @@ pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _pids_mentioning(text: str) -> list[int]:
@@ -57,7 +47,7 @@ def ray_head():
     """A `ray start --head --block` on 127.0.0.1 with its own temp folder; yields the
     dashboard (job API) address and the environment for `ray job` clients."""
     temp = tempfile.mkdtemp(prefix="hcj", dir="/tmp")  # short: Ray's socket paths
-    gcs, dash, client, agent, agent_grpc, metrics, rt_env = _free_ports(7)
+    gcs, dash, client, agent, agent_grpc, metrics, rt_env = free_ports(7)
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # the job's python
     head = subprocess.Popen(

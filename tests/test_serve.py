@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +16,7 @@ import pytest
 import requests
 import torch
 import yaml
+from helpers import free_port, jpeg
 from PIL import Image
 from tiny_model import TINY_MODEL
 
@@ -40,12 +40,6 @@ def _checkpoint(out: Path, vocab: Vocabulary, *overrides: str) -> Path:
     return save_checkpoint(out, model, cfg, vocab, meta={"epoch": 0, "val_CIDEr": 0.0})
 
 
-def _jpeg(array: np.ndarray, **save) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="JPEG", **save)
-    return buf.getvalue()
-
-
 def _png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -64,12 +58,12 @@ def _photos() -> dict[str, tuple[bytes, str]]:
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees on display
     return {
-        "astronaut.jpg": (_jpeg(astronaut), "image/jpeg"),
+        "astronaut.jpg": (jpeg(astronaut), "image/jpeg"),
         "coffee.png": (_png(Image.fromarray(coffee)), "image/png"),
-        "camera_gray.jpg": (_jpeg(data.camera()), "image/jpeg"),
+        "camera_gray.jpg": (jpeg(data.camera()), "image/jpeg"),
         "chelsea_cmyk.jpg": (cmyk.getvalue(), "image/jpeg"),
         "rocket_alpha.png": (_png(rgba), "image/png"),
-        "coffee_exif6.jpg": (_jpeg(coffee, exif=exif), "image/jpeg"),
+        "coffee_exif6.jpg": (jpeg(coffee, exif=exif), "image/jpeg"),
     }
 
 
@@ -100,9 +94,7 @@ def endpoint(ray_cluster, vocab, tmp_path_factory):
     from hericap.serve.server import start, stop
 
     ckpt = _checkpoint(tmp_path_factory.mktemp("serve") / "ckpt", vocab)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     url = start(
         {
             "checkpoint": str(ckpt),
@@ -157,16 +149,16 @@ def test_real_photos_are_captioned_raw_and_multipart(endpoint):
 def test_hostile_input_gets_a_4xx_with_a_reason_and_the_endpoint_stays_up(endpoint):
     from skimage import data
 
-    jpeg = _jpeg(data.astronaut())
+    photo = jpeg(data.astronaut())
     bomb = io.BytesIO()
     Image.new("1", (10_000, 10_000)).save(bomb, format="PNG")  # 1e8 pixels in a few KB
     assert len(bomb.getvalue()) < 100_000
     cases = {
         "non-image bytes": (b"this is not an image at all", "image/jpeg", 400),
-        "truncated JPEG": (jpeg[: len(jpeg) // 2], "image/jpeg", 400),
+        "truncated JPEG": (photo[: len(photo) // 2], "image/jpeg", 400),
         "empty body": (b"", "image/png", 400),
-        "wrong content type": (jpeg, "text/plain", 415),
-        "no content type": (jpeg, "", 415),
+        "wrong content type": (photo, "text/plain", 415),
+        "no content type": (photo, "", 415),
         "over the size limit": (b"\xff" * (MAX_BYTES + 1), "image/jpeg", 413),
         "decompression bomb": (bomb.getvalue(), "image/png", 413),
         "absurd dimensions": (_png_header_only(100_000, 1), "image/png", 413),
@@ -176,7 +168,7 @@ def test_hostile_input_gets_a_4xx_with_a_reason_and_the_endpoint_stays_up(endpoi
     }
     for name, (body, media, status) in cases.items():
         if body is None:
-            r = requests.post(f"{endpoint}/caption", files={"photo": ("a.jpg", jpeg)}, timeout=30)
+            r = requests.post(f"{endpoint}/caption", files={"photo": ("a.jpg", photo)}, timeout=30)
         else:
             headers = {"Content-Type": media} if media else {}
             r = requests.post(f"{endpoint}/caption", data=body, headers=headers, timeout=30)
@@ -186,7 +178,7 @@ def test_hostile_input_gets_a_4xx_with_a_reason_and_the_endpoint_stays_up(endpoi
         _healthy(endpoint)
     # still captioning after all that
     r = requests.post(
-        f"{endpoint}/caption", data=jpeg, headers={"Content-Type": "image/jpeg"}, timeout=60
+        f"{endpoint}/caption", data=photo, headers={"Content-Type": "image/jpeg"}, timeout=60
     )
     assert r.status_code == 200
 
@@ -195,7 +187,7 @@ def test_hostile_input_gets_a_4xx_with_a_reason_and_the_endpoint_stays_up(endpoi
 def test_two_hundred_requests_at_concurrency_sixteen_without_errors(endpoint):
     from skimage import data
 
-    bodies = [_jpeg(data.astronaut()), _jpeg(data.coffee()), _jpeg(data.chelsea())]
+    bodies = [jpeg(data.astronaut()), jpeg(data.coffee()), jpeg(data.chelsea())]
 
     def post(i: int) -> tuple[int, int]:
         r = requests.post(
@@ -227,7 +219,7 @@ def test_caption_cli_prints_captions_and_draws_attention_with_routing(vocab, tmp
         "model.cap_generator.decoder_name=Concatenated_Parallel",
     )
     photo = tmp_path / "astronaut.jpg"
-    photo.write_bytes(_jpeg(data.astronaut()))
+    photo.write_bytes(jpeg(data.astronaut()))
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
     out = tmp_path / "explain.png"

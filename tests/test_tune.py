@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,9 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+from helpers import free_port, jpeg
 from PIL import Image
+from skimage import data
 
 from hericap.config.loader import ConfigError
 
@@ -59,7 +60,7 @@ def _finished_trials(experiment: Path) -> dict[str, str]:
 def test_an_interrupted_sweep_resumes_exports_the_best_and_the_endpoint_serves_it(
     ray_cluster, tmp_path
 ):
-    from hericap.serve.server import start, stop
+    from hericap.serve.server import resolve_checkpoint, start, stop
     from hericap.tune.sweep import load_space, run_sweep
 
     space_file = REPO / "tune_spaces" / "tiny_cpu.yaml"
@@ -112,21 +113,11 @@ def test_an_interrupted_sweep_resumes_exports_the_best_and_the_endpoint_serves_i
     )
     assert saved["optimizer"]["xe_lr"] == pytest.approx(trial["params"]["optimizer.xe_lr"])
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    from hericap.serve.server import resolve_checkpoint
-
-    url = start({"checkpoint": resolve_checkpoint(None, str(tmp_path / "tiny"))}, port=port)
+    checkpoint = resolve_checkpoint(None, str(tmp_path / "tiny"))
+    url = start({"checkpoint": checkpoint}, port=free_port())
     try:
-        import io
-
-        from skimage import data
-
-        buf = io.BytesIO()
-        Image.fromarray(data.astronaut()).save(buf, format="JPEG")
         r = requests.post(
-            f"{url}/caption", data=buf.getvalue(), headers={"Content-Type": "image/jpeg"}
+            f"{url}/caption", data=jpeg(data.astronaut()), headers={"Content-Type": "image/jpeg"}
         )
         assert r.status_code == 200 and r.json()["caption"]
     finally:

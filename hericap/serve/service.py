@@ -56,8 +56,7 @@ class CaptionService:
         model, vocab = self.loaded.model, self.loaded.vocab
         batch, sizes = self.prepare(images)
         x = normalize_images(crop_batch(batch, sizes, model.input_multiple))
-        n_best = min(self.n_best, self.beam_size)
-        out = model.generate(x, beam_size=self.beam_size, max_len=self.max_len, n_best=n_best)
+        out = model.generate(x, beam_size=self.beam_size, max_len=self.max_len, n_best=self.n_best)
         decode_ms = 1000 * (time.perf_counter() - t0)
         results = []
         for tokens, log_probs in zip(out.tokens, out.log_probs, strict=True):
