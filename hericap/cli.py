@@ -110,7 +110,11 @@ def _train_and_test(cfg, skip_test: bool = False, compare_xe: bool = False) -> d
         report = evaluate_checkpoint(cfg, outcome.best_checkpoint, "test")
         if compare_xe and outcome.best_xe_checkpoint is not None:
             xe = evaluate_checkpoint(
-                cfg, outcome.best_xe_checkpoint, "test", out_dir=Path(cfg.run_dir) / "xe"
+                cfg,
+                outcome.best_xe_checkpoint,
+                "test",
+                out_dir=Path(cfg.run_dir) / "xe",
+                with_oracle=False,  # the same references: the oracle is the report's
             )
             report["xe"] = {
                 k: xe[k] for k in ("metrics", "metrics_4ref", "semantic", "checkpoint", "training")

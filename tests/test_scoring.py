@@ -100,6 +100,10 @@ def test_report_oracle_and_four_reference_scores(scorer):
     )
     table = format_table(report)
     assert "human oracle" in table and "CIDEr" in table
+    # a second checkpoint on the same references skips the (unchanged) oracle
+    second = build_report(scorer, REFS, CANDS, with_oracle=False)
+    assert second["oracle"] is None and second["oracle_semantic"] is None
+    assert second["metrics_4ref"] == report["metrics_4ref"]
 
 
 def test_python_cider_matches_toolkit_on_clean_text():

@@ -18,6 +18,7 @@ def build_report(
     references: Mapping[str, list[str]],
     candidates: Mapping[str, str],
     scenes: Mapping[str, Scene] | None = None,
+    with_oracle: bool = True,
 ) -> dict[str, Any]:
     """Scores of ``candidates`` (one caption per image) on one split.
 
@@ -27,7 +28,9 @@ def build_report(
       as ``metrics_4ref``, so the two compare like with like);
     * ``semantic`` / ``oracle_semantic``: the synthetic semantic check (None without scenes).
 
-    Images with fewer than two references take part in ``metrics`` only.
+    Images with fewer than two references take part in ``metrics`` only. ``with_oracle=False``
+    leaves ``oracle`` / ``oracle_semantic`` None (a second checkpoint on the same split: the
+    oracle does not change, and scoring it again costs a toolkit run).
     """
     metrics = scorer.score(references, candidates)
     multi = {k: list(v) for k, v in references.items() if len(v) >= 2}
@@ -35,11 +38,13 @@ def build_report(
     if multi:
         rest = {k: v[1:] for k, v in multi.items()}
         metrics_4ref = scorer.score(rest, {k: candidates[k] for k in multi})
-        oracle = scorer.score(rest, {k: v[0] for k, v in multi.items()})
+        if with_oracle:
+            oracle = scorer.score(rest, {k: v[0] for k, v in multi.items()})
     semantic = oracle_semantic = None
     if scenes:
         semantic = semantic_scores(scenes, {k: candidates[k] for k in scenes})
-        oracle_semantic = semantic_scores(scenes, {k: references[k][0] for k in scenes})
+        if with_oracle:
+            oracle_semantic = semantic_scores(scenes, {k: references[k][0] for k in scenes})
     return {
         "num_images": len(candidates),
         "num_images_multi_ref": len(multi),

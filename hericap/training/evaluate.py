@@ -31,7 +31,11 @@ logger = logging.getLogger(__name__)
 
 
 def evaluate_checkpoint(
-    cfg: Config, checkpoint: str | Path, split: str, out_dir: str | Path | None = None
+    cfg: Config,
+    checkpoint: str | Path,
+    split: str,
+    out_dir: str | Path | None = None,
+    with_oracle: bool = True,
 ) -> dict[str, Any]:
     """Caption every image of ``split`` with ``checkpoint`` and score the captions.
 
@@ -40,6 +44,7 @@ def evaluate_checkpoint(
         checkpoint: checkpoint folder.
         split: ``val`` or ``test`` (or ``train``).
         out_dir: where results and scores go (default: the run folder).
+        with_oracle: also score the human oracle (off for a second checkpoint on one split).
     """
     t0 = time.time()
     checkpoint = Path(checkpoint).resolve()
@@ -93,7 +98,7 @@ def evaluate_checkpoint(
         cfg.decode.test_beam_size,
     )
     with CocoScorer(spice_jars=None) as scorer:
-        report = build_report(scorer, references, candidates, scenes)
+        report = build_report(scorer, references, candidates, scenes, with_oracle)
     meta_file = checkpoint / META_FILE
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     training = {"phase": meta.get("phase"), "epoch": meta.get("epoch"), "step": meta.get("step")}
