@@ -98,7 +98,7 @@ def evaluate_checkpoint(
         cfg.decode.test_beam_size,
     )
     with CocoScorer(spice_jars=None) as scorer:
-        report = build_report(scorer, references, candidates, scenes, with_oracle)
+        report = build_report(scorer, references, candidates, scenes, with_oracle=with_oracle)
     meta_file = checkpoint / META_FILE
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     training = {"phase": meta.get("phase"), "epoch": meta.get("epoch"), "step": meta.get("step")}
