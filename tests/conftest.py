@@ -3,13 +3,16 @@ S3 server."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
+import psutil
 import pytest
 from helpers import free_port
 
@@ -55,7 +58,20 @@ def ray_cluster():
     started = init_ray(num_cpus=4)
     yield ray
     if started:
+        # the cluster's processes (GCS, raylet and every worker it forked) are this process's
+        # descendants now; a worker that outlives shutdown (a Train controller left by the
+        # interrupted sweep was one) is stopped here by PID rather than left to the machine
+        descendants = psutil.Process().children(recursive=True)
         ray.shutdown()
+        _, alive = psutil.wait_procs(descendants, timeout=20)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                name = " ".join(proc.cmdline())[:120]
+                proc.kill()
+                warnings.warn(
+                    f"Ray process {proc.pid} ({name}) outlived ray.shutdown(); killed",
+                    stacklevel=2,
+                )
 
 
 @pytest.fixture(scope="session")

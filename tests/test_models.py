@@ -73,6 +73,67 @@ def test_folded_captions_equal_repeated_memories():
     assert torch.allclose(folded, repeated, atol=1e-5)
 
 
+def _padded_tokens(lengths: list[int], t: int) -> torch.Tensor:
+    x = _tokens(len(lengths), t)
+    for row, n in enumerate(lengths):
+        x[row, n:] = 1  # <pad>
+    return x
+
+
+@pytest.mark.parametrize("variant", sorted(FUSION_REGISTRY))
+def test_packed_teacher_forcing_equals_dense_with_gradients(variant):
+    """The decoder skips padded positions (packed rows); the dense pass (``need_weights``
+    computes every position) gives the same log-probs and gradients where the input is a word."""
+    model = _model(
+        f"model.cap_generator.decoder_name={variant}",
+        "model.use_glob_feat=true",
+        "model.dropout=0.0",
+        "model.attn_dropout=0.0",
+    )
+    images = torch.randn(2, 3, 64, 64)
+    tokens = _padded_tokens([7, 3, 5, 1, 6, 4], t=7)  # 3 captions per image
+    keep = tokens != 1
+
+    def run(dense: bool):
+        model.zero_grad()
+        mem = model.encode(images)
+        lp, _ = model.decoder(tokens, mem, captions_per_memory=3, need_weights=dense)
+        (lp * keep[..., None]).sum().backward()
+        return lp, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    packed, packed_grads = run(dense=False)
+    dense, dense_grads = run(dense=True)
+    assert torch.allclose(packed[keep], dense[keep], atol=1e-5)
+    assert (packed[~keep] == 0).all(), "padded positions are not computed"
+    assert not (dense[~keep] == 0).all()
+    assert packed_grads.keys() == dense_grads.keys()
+    for name, grad in dense_grads.items():
+        assert torch.allclose(packed_grads[name], grad, atol=1e-5), name
+
+
+def test_padding_inside_a_caption_is_computed_densely():
+    model = _model().eval()
+    mem = model.encode(torch.randn(2, 3, 64, 64))
+    tokens = _padded_tokens([6, 6], t=6)
+    tokens[0, 2] = 1  # not a suffix: packing would change what later positions attend
+    lp, _ = model.decoder(tokens, mem)
+    dense, _ = model.decoder(tokens, mem, need_weights=True)
+    assert torch.allclose(lp, dense, atol=1e-6)
+
+
+def test_folded_incremental_steps_equal_repeated_memories():
+    """Beams and samples attend their image's memory unrepeated (``captions_per_memory``)."""
+    model = _model().eval()
+    mem = model.encode(torch.randn(2, 3, 64, 64))
+    repeated = {k: v.repeat_interleave(3, 0) for k, v in mem.items()}
+    tokens = _tokens(6, t=5)
+    folded_cache, repeated_cache = model.decoder.init_cache(), model.decoder.init_cache()
+    for t in range(5):
+        folded, _ = model.decoder.step(tokens[:, t], mem, folded_cache, t, captions_per_memory=3)
+        plain, _ = model.decoder.step(tokens[:, t], repeated, repeated_cache, t)
+        assert torch.allclose(folded, plain, atol=1e-5)
+
+
 def test_incremental_decoding_equals_full_recomputation():
     model = _model().eval()
     mem = model.encode(torch.randn(2, 3, 64, 64))

@@ -308,7 +308,7 @@ def test_xe_then_scst_run_records_the_reward_setting(ray_cluster, tiny_shards, t
         "optimizer.sc_baseline=leave_one_out",
         "optimizer.sc_num_sequences=3",
         "optimizer.sc_lr=1e-4",
-        "optimizer.sc_backbone_lr=1e-4",
+        "optimizer.sc_backbone_lr=0",  # LR 0 freezes the backbone for SCST (the demo's setting)
         "exp.mixed_precision=bf16",  # bf16 autocast, here on CPU (GPU runs get it by default)
     )
     outcome = train(cfg)
@@ -319,6 +319,13 @@ def test_xe_then_scst_run_records_the_reward_setting(ray_cluster, tiny_shards, t
     sc = outcome.history[1]
     assert sc["step"] == 4 and sc["sc_baseline"] == "leave_one_out" and sc["sc_include_eos"]
     assert sc["train_reward"] >= 0.0 and sc["lr"] == pytest.approx(1e-4)
+    assert [h["frozen_backbone"] for h in outcome.history] == [False, True]
+    assert sc["lr_backbone"] is None  # frozen: no backbone group, no gradients computed
+    states = _checkpoints(tmp_path / "ray_scst" / "runs" / "train")
+    assert sorted(states) == [0, 1]
+    moved = {k for k in states[0] if not torch.equal(states[0][k], states[1][k])}
+    assert moved and not any(k.startswith("extractor.") for k in moved)
+    assert any(k.startswith("decoder.") for k in moved)
     latest = json.loads((outcome.latest_checkpoint / "meta.json").read_text())
     assert latest["phase"] == "sc"
     state = load_checkpoint(outcome.latest_checkpoint).training_state()

@@ -199,6 +199,7 @@ class OptimizerConfig:
     finetune_xe_epochs: int = 10
     finetune_sc_epochs: int = 0
     xe_lr: float = 1e-4
+    # the extractor + region detector's LR; 0 freezes them for that kind of phase (no gradients)
     xe_backbone_lr: float = 1e-5
     sc_lr: float = 5e-6
     sc_backbone_lr: float = 5e-6

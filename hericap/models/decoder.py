@@ -14,7 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from hericap.models.fusion import build_fusion
-from hericap.models.layers import FeedForward, MultiHeadAttention, causal_mask, sinusoid_1d
+from hericap.models.layers import (
+    FeedForward,
+    MultiHeadAttention,
+    RowLayout,
+    causal_mask,
+    sinusoid_1d,
+)
 
 __all__ = ["DecoderLayer", "HierarchicalDecoder"]
 
@@ -59,12 +65,21 @@ class DecoderLayer(nn.Module):
         cache: LayerCache | None = None,
         need_weights: bool = False,
         captions_per_memory: int = 1,
+        layout: RowLayout | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``x [N, T, D]``, or the packed rows of ``layout`` (see :class:`RowLayout`)."""
         self_cache = cache.setdefault("self", {}) if cache is not None else None
-        a, _ = self.self_attn(x, x, x, attn_mask=self_mask, cache=self_cache)
+        a, _ = self.self_attn(
+            x, x, x, attn_mask=self_mask, cache=self_cache, layout=layout, kv_layout=layout
+        )
         x = self.ln1(x + self.drop(a))
         x, weights = self.fusion(
-            x, memories, cache=cache, need_weights=need_weights, group=captions_per_memory
+            x,
+            memories,
+            cache=cache,
+            need_weights=need_weights,
+            group=captions_per_memory,
+            layout=layout.grouped(captions_per_memory) if layout is not None else None,
         )
         return self.ln3(x + self.drop(self.ffn(x))), weights
 
@@ -102,6 +117,7 @@ class HierarchicalDecoder(nn.Module):
     ) -> None:
         super().__init__()
         self.d_model = d_model
+        self.pad_idx = pad_idx
         self.embed = nn.Embedding(vocab_size, d_model, padding_idx=pad_idx)
         # std d^-1/2, so that the sqrt(d) scaling in _embed gives unit-scale inputs; nn.Embedding's
         # N(0, 1) would enter the residual stream at std sqrt(d) and drown the attention branches
@@ -137,13 +153,21 @@ class HierarchicalDecoder(nn.Module):
 
         Returns the log-probs and, with ``need_weights``, per layer the cross-attention weights
         ``[N, T, memory tokens]`` keyed by memory group.
+
+        Positions whose input token is ``<pad>`` are not computed (when padding is a suffix of
+        every row, as in teacher forcing): the position-wise layers run on the other positions
+        only, and the log-probs returned there are 0. On 5-caption batches of the synthetic data
+        ~40% of the positions are padding.
         """
         rows = next(iter(memories.values())).shape[0]
         if tokens.shape[0] != rows * captions_per_memory:
             raise ValueError(
                 f"{tokens.shape[0]} captions for {rows} memory rows x {captions_per_memory}"
             )
+        layout = None if need_weights else RowLayout.packing_padding(tokens, self.pad_idx)
         x = self._embed(tokens, 0)
+        if layout is not None:
+            x = layout.pack(x)
         mask = causal_mask(tokens.shape[1], device=tokens.device)
         all_weights = []
         for layer in self.layers:
@@ -153,9 +177,13 @@ class HierarchicalDecoder(nn.Module):
                 mask,
                 need_weights=need_weights,
                 captions_per_memory=captions_per_memory,
+                layout=layout,
             )
             all_weights.append(w)
-        return F.log_softmax(self.out(x), dim=-1), all_weights
+        log_probs = F.log_softmax(self.out(x), dim=-1)
+        if layout is not None:
+            log_probs = layout.unpack(log_probs)
+        return log_probs, all_weights
 
     def init_cache(self) -> list[LayerCache]:
         return [{} for _ in self.layers]
@@ -167,12 +195,25 @@ class HierarchicalDecoder(nn.Module):
         cache: list[LayerCache],
         position: int,
         need_weights: bool = False,
+        captions_per_memory: int = 1,
     ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
-        """One incremental step: ``tokens [N]`` at ``position`` -> log-probs ``[N, V]``."""
+        """One incremental step: ``tokens [N]`` at ``position`` -> log-probs ``[N, V]``.
+
+        ``captions_per_memory``: as in :meth:`forward`, ``N = B * captions_per_memory``
+        consecutive rows per memory row (the beams or samples of one image); the memories are
+        not repeated, so their keys/values are projected and attended once per image.
+        """
         x = self._embed(tokens[:, None], position)
         all_weights = []
         for layer, layer_cache in zip(self.layers, cache, strict=True):
-            x, w = layer(x, memories, None, cache=layer_cache, need_weights=need_weights)
+            x, w = layer(
+                x,
+                memories,
+                None,
+                cache=layer_cache,
+                need_weights=need_weights,
+                captions_per_memory=captions_per_memory,
+            )
             all_weights.append(w)
         return F.log_softmax(self.out(x[:, 0]), dim=-1), all_weights
 

@@ -2,7 +2,9 @@
 
 All functions take a decoder with ``init_cache``/``step``/``reorder_cache`` (see
 :class:`~hericap.models.decoder.HierarchicalDecoder`) and already-encoded memories, so the image
-encoder runs once per image whatever the decoding.
+encoder runs once per image whatever the decoding. The memories are never repeated per beam or
+sample: an image's beams are consecutive rows that the decoder folds into one cross-attention
+query block over the image's memory (``captions_per_memory``).
 """
 
 from __future__ import annotations
@@ -36,10 +38,6 @@ def _never_words(log_probs: torch.Tensor, bos_idx: int, pad_idx: int) -> torch.T
     out[..., bos_idx] = float("-inf")
     out[..., pad_idx] = float("-inf")
     return out
-
-
-def _expand(memories: Memories, k: int) -> Memories:
-    return {name: m.repeat_interleave(k, dim=0) for name, m in memories.items()}
 
 
 def _batch_size(memories: Memories) -> int:
@@ -108,7 +106,6 @@ def _sequential_decode(
     generator=None,
 ) -> DecodeOutput:
     b = _batch_size(memories)
-    mem = _expand(memories, num_samples) if num_samples > 1 else memories
     n = b * num_samples
     device = next(iter(memories.values())).device
     cache = decoder.init_cache()
@@ -116,7 +113,7 @@ def _sequential_decode(
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     tokens, logps = [], []
     for t in range(max_len + 1):
-        logp, _ = decoder.step(last, mem, cache, t)
+        logp, _ = decoder.step(last, memories, cache, t, captions_per_memory=num_samples)
         logp = _never_words(logp, bos_idx, pad_idx)
         if t == max_len:  # out of words: end here
             choice = torch.full_like(last, eos_idx)
@@ -168,7 +165,6 @@ def beam_search(
     if not 1 <= n_best <= beam_size:
         raise ValueError(f"n_best={n_best} must be in [1, beam_size={beam_size}]")
     b, k = _batch_size(memories), beam_size
-    mem = _expand(memories, k)
     device = next(iter(memories.values())).device
     cache = decoder.init_cache()
     last = torch.full((b * k,), bos_idx, dtype=torch.long, device=device)
@@ -178,7 +174,7 @@ def beam_search(
     seqs = torch.empty(b, k, 0, dtype=torch.long, device=device)
     offsets = (torch.arange(b, device=device) * k)[:, None]
     for t in range(max_len + 1):
-        logp, _ = decoder.step(last, mem, cache, t)
+        logp, _ = decoder.step(last, memories, cache, t, captions_per_memory=k)
         v = logp.shape[-1]
         logp = _never_words(logp, bos_idx, pad_idx).view(b, k, v)
         if t == max_len:

@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from hericap.models.layers import MultiHeadAttention
+from hericap.models.layers import MultiHeadAttention, RowLayout
 
 __all__ = ["FUSION_REGISTRY", "MEMORY_ORDER", "build_fusion", "canonical_fusion_name"]
 
@@ -83,12 +83,19 @@ class _FusionBase(nn.Module):
         memory: torch.Tensor,
         cache: Cache | None,
         need_weights: bool,
+        layout: RowLayout | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         sub = None
         if cache is not None:
             sub = cache.setdefault(f"cross:{key}", {})
         return self.attn[key](
-            x, memory, memory, cache=sub, static_kv=True, need_weights=need_weights
+            x,
+            memory,
+            memory,
+            cache=sub,
+            static_kv=True,
+            need_weights=need_weights,
+            layout=layout,
         )
 
     def forward(
@@ -98,38 +105,42 @@ class _FusionBase(nn.Module):
         cache: Cache | None = None,
         need_weights: bool = False,
         group: int = 1,
+        layout: RowLayout | None = None,
     ) -> tuple[torch.Tensor, Weights]:
-        """Fuse ``x [N, T, D]`` with the memories.
+        """Fuse ``x`` (``[N, T, D]``, or the rows of ``layout``) with the memories.
 
         ``group > 1`` says that ``x`` holds ``group`` consecutive captions per memory row
         (``N = B * group``): cross-attention is per query, so those captions are folded into the
         query axis and attend the unrepeated memory, which projects its keys/values once per
-        image instead of once per caption. The result is identical.
+        image instead of once per caption. The result is identical. A ``layout`` (packed rows,
+        see :class:`~hericap.models.layers.RowLayout`) carries its own grouping.
         """
-        if group > 1:
-            n, t, d = x.shape
-            out, weights = self._fuse(
-                x.reshape(n // group, group * t, d), memories, cache, need_weights
-            )
-            weights = {k: w.reshape(n, t, -1) for k, w in weights.items()}
-            return out.reshape(n, t, d), weights
-        return self._fuse(x, memories, cache, need_weights)
+        if layout is None:
+            layout = RowLayout(x.shape[0], x.shape[1], group=group) if group > 1 else None
+        return self._fuse(x, memories, cache, need_weights, layout)
 
     def _fuse(
-        self, x: torch.Tensor, memories: Memories, cache: Cache | None, need_weights: bool
+        self,
+        x: torch.Tensor,
+        memories: Memories,
+        cache: Cache | None,
+        need_weights: bool,
+        layout: RowLayout | None,
     ) -> tuple[torch.Tensor, Weights]:
         weights: Weights = {}
         if self.gated:
             total = 0
             for group, key in zip(self.groups, self.keys, strict=True):
-                a, w = self._attend(key, x, self._memory(memories, group), cache, need_weights)
+                a, w = self._attend(
+                    key, x, self._memory(memories, group), cache, need_weights, layout
+                )
                 gate = torch.sigmoid(self.gates[key](torch.cat([x, a], dim=-1)))
                 total = total + gate * a
                 if w is not None:
                     weights[key] = w
             return self.norm(x + self.drop(total / math.sqrt(len(self.groups)))), weights
         for group, key in zip(self.groups, self.keys, strict=True):
-            a, w = self._attend(key, x, self._memory(memories, group), cache, need_weights)
+            a, w = self._attend(key, x, self._memory(memories, group), cache, need_weights, layout)
             x = self.norms[key](x + self.drop(a))
             if w is not None:
                 weights[key] = w

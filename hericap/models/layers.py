@@ -16,12 +16,74 @@ from torch import nn
 __all__ = [
     "FeedForward",
     "MultiHeadAttention",
+    "RowLayout",
     "causal_mask",
     "sinusoid_1d",
     "sinusoid_2d",
 ]
 
 KVCache = dict[str, torch.Tensor]
+
+
+class RowLayout:
+    """Where a decoder's position-wise rows sit in attention's ``[batch, queries, D]`` layout.
+
+    Projections, norms and FFNs are position-wise, so they can run on any arrangement of the
+    positions; attention needs ``[batch, queries, D]``. For a batch of ``n`` sequences of ``t``
+    positions:
+
+    * ``index`` (packed rows): the rows are only the positions ``index`` of the flattened
+      ``[n * t]`` grid, ``[M, D]``; the others (padding) are never computed and enter attention
+      as zeros. Padding is a suffix of every sequence and attention is causal, so no kept
+      position ever sees them.
+    * ``group``: ``group`` consecutive sequences share one attention row (cross-attention to the
+      memory of one image): ``[n, t, D]`` -> ``[n / group, group * t, D]``.
+
+    Without ``index`` the rows are ``[n, t, D]`` and, with ``group == 1``, the layout is the
+    identity.
+    """
+
+    def __init__(self, n: int, t: int, index: torch.Tensor | None = None, group: int = 1) -> None:
+        if n % group:
+            raise ValueError(f"{n} sequences are not a whole number of groups of {group}")
+        self.n, self.t, self.index, self.group = n, t, index, group
+
+    @classmethod
+    def packing_padding(cls, tokens: torch.Tensor, pad_idx: int) -> RowLayout | None:
+        """The packed layout of ``tokens [n, t]`` without their ``pad_idx`` positions, or None
+        when there is no padding (nothing to skip) or it is not a pure suffix of every row
+        (then only the dense layout is exact)."""
+        keep = tokens != pad_idx
+        if bool(keep.all()) or bool((keep[:, 1:] & ~keep[:, :-1]).any()):
+            return None
+        return cls(tokens.shape[0], tokens.shape[1], index=keep.flatten().nonzero().squeeze(1))
+
+    def grouped(self, group: int) -> RowLayout:
+        return RowLayout(self.n, self.t, self.index, group)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """``[n, t, ...]`` -> the layout's rows."""
+        if self.index is None:
+            return x
+        return x.reshape(self.n * self.t, *x.shape[2:]).index_select(0, self.index)
+
+    def unpack(self, rows: torch.Tensor) -> torch.Tensor:
+        """The layout's rows -> ``[n, t, ...]`` (zeros where nothing was computed)."""
+        if self.index is None:
+            return rows
+        full = rows.new_zeros(self.n * self.t, *rows.shape[1:])
+        return full.index_copy(0, self.index, rows).view(self.n, self.t, *rows.shape[1:])
+
+    def to_attention(self, rows: torch.Tensor) -> torch.Tensor:
+        x = self.unpack(rows)
+        if self.group > 1:
+            x = x.reshape(self.n // self.group, self.group * self.t, *x.shape[2:])
+        return x
+
+    def from_attention(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group > 1:
+            x = x.reshape(self.n, self.t, *x.shape[2:])
+        return self.pack(x)
 
 
 class MultiHeadAttention(nn.Module):
@@ -58,6 +120,8 @@ class MultiHeadAttention(nn.Module):
         cache: KVCache | None = None,
         static_kv: bool = False,
         need_weights: bool = False,
+        layout: RowLayout | None = None,
+        kv_layout: RowLayout | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attend ``query [B, Tq, D]`` over ``key/value [B, Tk, D]``.
 
@@ -66,13 +130,23 @@ class MultiHeadAttention(nn.Module):
             cache: per-call state for incremental decoding. With ``static_kv`` (cross-attention)
                 the projected memory is computed once and reused; otherwise (self-attention) the
                 new keys/values are appended to those cached.
-            need_weights: also return the attention weights averaged over heads ``[B, Tq, Tk]``.
+            need_weights: also return the attention weights averaged over heads ``[B, Tq, Tk]``
+                (in the query's layout: ``[n, t, Tk]`` for a grouped one; not with packed rows).
+            layout: ``query`` is in this :class:`RowLayout` (and so is the result): it is
+                projected as it is and rearranged for attention.
+            kv_layout: the same for ``key``/``value`` (self-attention over packed rows).
         """
-        q = self._split(self.q_proj(query))
+        if need_weights and layout is not None and layout.index is not None:
+            raise ValueError("attention weights are not kept for packed rows")
+        q = self.q_proj(query)
+        q = self._split(layout.to_attention(q) if layout is not None else q)
         if cache is not None and static_kv and "k" in cache:
             k, v = cache["k"], cache["v"]
         else:
-            k, v = self._split(self.k_proj(key)), self._split(self.v_proj(value))
+            k, v = self.k_proj(key), self.v_proj(value)
+            if kv_layout is not None:
+                k, v = kv_layout.to_attention(k), kv_layout.to_attention(v)
+            k, v = self._split(k), self._split(v)
             if cache is not None:
                 if not static_kv and "k" in cache:
                     k = torch.cat([cache["k"], k], dim=2)
@@ -86,11 +160,15 @@ class MultiHeadAttention(nn.Module):
                 scores = scores + attn_mask
             probs = scores.softmax(dim=-1)
             weights = probs.mean(dim=1)
+            if layout is not None and layout.group > 1:
+                weights = weights.reshape(layout.n, layout.t, -1)
             out = F.dropout(probs, p=dropout, training=self.training) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         b, _, t, _ = out.shape
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
+        if layout is not None:
+            out = layout.from_attention(out)
         return self.out_proj(out), weights
 
 
