@@ -140,6 +140,7 @@ def test_four_phases_freeze_then_finetune_under_ddp_with_accumulation(
         "optimizer.freezing_sc_epochs=1",
         "optimizer.finetune_xe_epochs=1",
         "optimizer.finetune_sc_epochs=1",
+        "optimizer.sc_backbone_lr=5e-5",  # the preset's 0 would freeze it in finetune_sc too
         "optimizer.grad_accum_steps=2",
         "optimizer.sc_num_sequences=2",
         "optimizer.checkpoint_num_to_keep=4",
