@@ -68,6 +68,8 @@ class DecoderLayer(nn.Module):
         layout: RowLayout | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``x [N, T, D]``, or the packed rows of ``layout`` (see :class:`RowLayout`)."""
+        if layout is None:
+            layout = RowLayout(x.shape[0], x.shape[1])
         self_cache = cache.setdefault("self", {}) if cache is not None else None
         a, _ = self.self_attn(
             x, x, x, attn_mask=self_mask, cache=self_cache, layout=layout, kv_layout=layout
@@ -78,8 +80,7 @@ class DecoderLayer(nn.Module):
             memories,
             cache=cache,
             need_weights=need_weights,
-            group=captions_per_memory,
-            layout=layout.grouped(captions_per_memory) if layout is not None else None,
+            layout=layout.grouped(captions_per_memory),
         )
         return self.ln3(x + self.drop(self.ffn(x))), weights
 

@@ -104,29 +104,16 @@ class _FusionBase(nn.Module):
         memories: Memories,
         cache: Cache | None = None,
         need_weights: bool = False,
-        group: int = 1,
         layout: RowLayout | None = None,
     ) -> tuple[torch.Tensor, Weights]:
         """Fuse ``x`` (``[N, T, D]``, or the rows of ``layout``) with the memories.
 
-        ``group > 1`` says that ``x`` holds ``group`` consecutive captions per memory row
-        (``N = B * group``): cross-attention is per query, so those captions are folded into the
-        query axis and attend the unrepeated memory, which projects its keys/values once per
-        image instead of once per caption. The result is identical. A ``layout`` (packed rows,
-        see :class:`~hericap.models.layers.RowLayout`) carries its own grouping.
+        A grouped ``layout`` (see :class:`~hericap.models.layers.RowLayout`) says that ``x``
+        holds ``group`` consecutive captions per memory row (``N = B * group``): cross-attention
+        is per query, so those captions are folded into the query axis and attend the unrepeated
+        memory, which projects its keys/values once per image instead of once per caption. The
+        result is identical.
         """
-        if layout is None:
-            layout = RowLayout(x.shape[0], x.shape[1], group=group) if group > 1 else None
-        return self._fuse(x, memories, cache, need_weights, layout)
-
-    def _fuse(
-        self,
-        x: torch.Tensor,
-        memories: Memories,
-        cache: Cache | None,
-        need_weights: bool,
-        layout: RowLayout | None,
-    ) -> tuple[torch.Tensor, Weights]:
         weights: Weights = {}
         if self.gated:
             total = 0

@@ -193,16 +193,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         logger.info("model: memories %s; %s", net.memory_names, format_parameter_summary(net))
     device = ray.train.torch.get_device()
 
-    def backbone_frozen(phase: Phase) -> bool:
-        """Frozen in the freezing phases, and wherever the phase's backbone LR is 0: what
-        would not move gets no gradients computed."""
-        lr = opt_cfg.xe_backbone_lr if phase.kind == "xe" else opt_cfg.sc_backbone_lr
-        return phase.frozen or lr == 0
-
     def wrap(phase: Phase) -> nn.Module:
         """Freeze or unfreeze the backbone for ``phase``, then wrap for DDP: DDP tracks the
         parameters that require gradients when it is built, so a change means a new wrapper."""
-        net.freeze_backbone(backbone_frozen(phase))
+        net.freeze_backbone(phase.frozen)
         return ray.train.torch.prepare_model(net)
 
     def make_optimizer(phase: Phase):
@@ -316,7 +310,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, last_epoch):
         if epoch >= phase.end_epoch:  # next phase: new optimiser, maybe (un)frozen backbone
             previous, phase = phase, phase_at(phases, epoch)
-            if backbone_frozen(phase) != backbone_frozen(previous):
+            if phase.frozen != previous.frozen:
                 del model
                 model = wrap(phase)
             optimizer, scheduler = make_optimizer(phase)
@@ -489,7 +483,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics = {
             "phase": phase.kind,
             "phase_name": phase.name,
-            "frozen_backbone": backbone_frozen(phase),
+            "frozen_backbone": phase.frozen,
             "epoch": epoch,
             "step": step,
             "train_loss": loss_sum / max(1.0, loss_batches),

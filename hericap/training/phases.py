@@ -7,7 +7,7 @@ epochs are skipped. SCST starts from a model trained with XE, so the first phase
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -83,8 +83,14 @@ def plan_phases(
 
 
 def configured_phases(optimizer: OptimizerConfig) -> list[Phase]:
-    """:func:`plan_phases` of a run's ``optimizer.*_epochs`` keys."""
-    return plan_phases(*(getattr(optimizer, k) for k in PHASE_KEYS))
+    """:func:`plan_phases` of a run's ``optimizer.*_epochs`` keys. A phase whose backbone LR
+    (``xe_backbone_lr`` / ``sc_backbone_lr``) is 0 is frozen too: what would not move gets no
+    gradients computed."""
+    backbone_lr = {"xe": optimizer.xe_backbone_lr, "sc": optimizer.sc_backbone_lr}
+    return [
+        replace(p, frozen=True) if backbone_lr[p.kind] == 0 else p
+        for p in plan_phases(*(getattr(optimizer, k) for k in PHASE_KEYS))
+    ]
 
 
 def phase_at(phases: list[Phase], epoch: int) -> Phase:
