@@ -66,6 +66,30 @@ def test_cider_refuses_unknown_images_and_empty_references():
         CiderD({"a": []})
 
 
+def test_key_index_finds_present_keys_and_only_those():
+    from hericap.evaluation.cider import _KeyIndex
+
+    rng = np.random.default_rng(0)
+    keys = np.unique(rng.integers(1, 1 << 62, size=5000, dtype=np.int64).astype(np.uint64))
+    # keys that share their hash slot collide on purpose: lookups must probe past each other
+    # and, after the vectorised probe rounds, fall back to the binary search
+    index = _KeyIndex(keys)
+    small = np.arange(1, 1_000_000, dtype=np.uint64)
+    colliding = small[index._slot(small) == 7]
+    assert len(colliding) >= 12
+    keys = np.unique(np.concatenate([keys, colliding[:6]]))
+    index = _KeyIndex(keys)  # same table size, so the six share slot 7
+    absent = np.setdiff1d(
+        rng.integers(1, 1 << 62, size=3000, dtype=np.int64).astype(np.uint64), keys
+    )
+    needles = rng.permutation(np.concatenate([keys, absent, colliding[6:12]]))
+    expected = np.searchsorted(keys, needles)
+    expected = np.where(keys[np.minimum(expected, len(keys) - 1)] == needles, expected, -1)
+    assert np.array_equal(index.lookup(needles), expected)
+    assert (expected >= 0).sum() == len(keys)  # every key found, nothing else
+    assert np.array_equal(_KeyIndex(keys[:0]).lookup(needles[:3]), [-1, -1, -1])
+
+
 def test_python_ptb_tokeniser_on_hand_made_cases():
     cases = {
         "A close-up of a man's hat.": "a close-up of a man 's hat",
@@ -124,8 +148,13 @@ def test_cider_matches_toolkit_on_real_captions(realdata):
     rng = random.Random(0)
     ids = rng.sample(sorted(corpus), 50)
     cands_fixed = [corpus[rng.choice(sorted(corpus))][0] for _ in ids]
+    # sampled captions in SCST are not corpus sentences: shuffled words make n-grams that no
+    # reference has, and repeated words make term frequencies above one
+    shuffled = [" ".join(rng.sample(c.split(), len(c.split()))) for c in cands_fixed[:5]]
+    repeated = [" ".join(w for w in c.split() for _ in range(2)) for c in cands_fixed[5:10]]
+    cands_fixed[:10] = shuffled + repeated
     ours = CiderD(corpus).score(ids, cands_fixed)
-    for i, k in enumerate(ids[:10]):  # the toolkit is slow here: check the first ten
+    for i, k in enumerate(ids[:15]):  # the toolkit is slow here: check the first fifteen
         expected_i = _toolkit_cider_fixed_df(corpus, {k: corpus[k]}, {k: cands_fixed[i]})[0]
         assert ours[i] == pytest.approx(expected_i, abs=1e-9)
 

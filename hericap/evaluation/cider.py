@@ -70,6 +70,7 @@ class CiderD:
         per_image = np.unique(ref_image[rows] * max(len(uniq), 1) + dense)
         df = np.bincount(per_image % max(len(uniq), 1), minlength=len(uniq))
         self._df_keys = uniq
+        self._df_index = _KeyIndex(uniq)
         self.ref_len = float(np.log(float(len(ref_ids))))
         # each corpus n-gram's idf weight, log(images) - log(df), once rather than per batch
         self._idf = self.ref_len - np.log(np.maximum(1.0, df.astype(np.float64)))
@@ -103,20 +104,18 @@ class CiderD:
 
     def _ngrams(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every n-gram of a batch ``[B, T]`` of word ids (0-padded on the right), vectorised:
-        row, packed key and order (0-based) of each occurrence."""
-        t = tokens.shape[1]
-        lengths = (tokens != 0).sum(axis=1)
-        rows, keys, orders = [], [], []
-        key = tokens.astype(np.uint64)
-        for k in range(min(self.n, t)):
-            if k:
-                key = (key[:, :-1] << np.uint64(_BITS)) | tokens[:, k:].astype(np.uint64)
-            valid = np.arange(t - k)[None, :] + k < lengths[:, None]
-            r, _ = np.nonzero(valid)
-            rows.append(r)
-            keys.append(key[valid])
-            orders.append(np.full(len(r), k, dtype=np.int64))
-        return np.concatenate(rows), np.concatenate(keys), np.concatenate(orders)
+        row, packed key and order (0-based) of each occurrence, row-major."""
+        b, t = tokens.shape
+        tokens = tokens.astype(np.uint64, copy=False)
+        keys = np.zeros((b, self.n, t), dtype=np.uint64)  # [row, order, start]
+        key = keys[:, 0] = tokens
+        for k in range(1, min(self.n, t)):
+            key = (key[:, :-1] << np.uint64(_BITS)) | tokens[:, k:]
+            keys[:, k, : t - k] = key
+        # an n-gram exists where its last word does (padding is a suffix, words are >= 1)
+        valid = (keys & np.uint64(_MAX_WORDS)) != 0
+        rows, orders, _ = np.nonzero(valid)
+        return rows, keys[valid], orders
 
     def _vectors(self, tokens: np.ndarray) -> tuple[np.ndarray, ...]:
         """tf-idf vectors of a batch ``[B, T]``: flat ``(row, n-gram index, order, weight)``
@@ -124,23 +123,26 @@ class CiderD:
         The n-gram index points into the corpus n-grams (-1 for n-grams outside it)."""
         b = tokens.shape[0]
         rows, keys, orders = self._ngrams(tokens)
-        uniq, dense = np.unique(keys, return_inverse=True)
+        # each occurrence's corpus n-gram (-1: in no reference, so it can match nothing)
+        index = self._df_index.lookup(keys)
+        # term frequencies: occurrences per (row, n-gram); n-grams outside the corpus still
+        # count (they weigh in the norm), numbered after the corpus ones
+        identity, n_new = index, 0
+        new = index < 0
+        if new.any():
+            new_keys, new_identity = np.unique(keys[new], return_inverse=True)
+            identity, n_new = index.copy(), len(new_keys)
+            identity[new] = len(self._df_keys) + new_identity
         _, first, tf = np.unique(
-            rows * max(len(uniq), 1) + dense, return_index=True, return_counts=True
+            rows * (len(self._df_keys) + n_new) + identity, return_index=True, return_counts=True
         )
-        rows, keys, orders = rows[first], keys[first], orders[first]
-        # look the sorted distinct n-grams up in the corpus (sorted needles search fastest)
-        pos_u = np.minimum(np.searchsorted(self._df_keys, uniq), len(self._df_keys) - 1)
-        pos = pos_u[dense[first]]
-        known = self._df_keys[pos] == keys
+        rows, index, orders = rows[first], index[first], orders[first]
         # an n-gram in no reference has df 0, which the toolkit clips to 1: idf log(images)
-        weights = tf * np.where(known, self._idf[pos], self.ref_len)
+        weights = tf * np.where(index >= 0, self._idf[index], self.ref_len)
         norms = np.sqrt(
             np.bincount(rows * self.n + orders, weights=weights * weights, minlength=b * self.n)
         ).reshape(b, self.n)
         bigrams = np.maximum((tokens != 0).sum(axis=1) - 1, 0).astype(np.float64)
-        # corpus n-gram index (-1: in no reference, so it can match nothing)
-        index = np.where(known, pos, -1)
         return rows, index, orders, weights, norms, bigrams
 
     def _ref_vectors(self, image_ids: Sequence[str]) -> list[tuple[np.ndarray, ...]]:
@@ -271,6 +273,63 @@ class CiderD:
         out[np.arange(out.shape[1])[None, :] < lengths[:, None]] = np.fromiter(
             flat, dtype=np.uint64, count=len(flat)
         )
+        return out
+
+
+class _KeyIndex:
+    """Positions of the distinct ``uint64`` keys of a sorted array, looked up in batches.
+
+    An open-addressing hash table (linear probing, load at most 1/4) answers most needles in
+    one or two vectorised probe rounds; the few still unresolved then fall back to a binary
+    search of the sorted keys. Faster than ``searchsorted`` alone on large corpora, whose
+    random needles miss the cache at every step of the search.
+    """
+
+    _MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: the top bits are the slot
+    _PROBE_ROUNDS = 2
+
+    def __init__(self, sorted_keys: np.ndarray) -> None:
+        self._sorted = sorted_keys
+        bits = max(int(np.ceil(np.log2(max(len(sorted_keys), 1) * 4))), 4)
+        self._shift, self._mask = np.uint64(64 - bits), (1 << bits) - 1
+        self._keys = np.zeros(1 << bits, dtype=np.uint64)
+        self._values = np.full(1 << bits, -1, dtype=np.int32 if bits < 31 else np.int64)
+        pending, slot = np.arange(len(sorted_keys)), self._slot(sorted_keys)
+        while len(pending):
+            s = slot[pending]
+            free = self._values[s] < 0
+            self._values[s[free]] = pending[free]
+            placed = free & (self._values[s] == pending)  # one of several claimants wins a slot
+            self._keys[s[placed]] = sorted_keys[pending[placed]]
+            pending = pending[~placed]
+            slot[pending] = (s[~placed] + 1) & self._mask
+
+    def _slot(self, keys: np.ndarray) -> np.ndarray:
+        return ((keys * self._MULTIPLIER) >> self._shift).astype(np.intp)
+
+    def lookup(self, needles: np.ndarray) -> np.ndarray:
+        """Each needle's position in the sorted keys, -1 where it is absent."""
+        slot = self._slot(needles)
+        # the first probe round covers every needle, so it needs no index of the active ones
+        value = self._values[slot]
+        occupied = value >= 0
+        hit = self._keys[slot] == needles
+        hit &= occupied
+        out = np.where(hit, value, -1)
+        active = np.flatnonzero(occupied & ~hit)  # an empty slot ends a needle's search: absent
+        for _ in range(self._PROBE_ROUNDS - 1):
+            if not len(active):
+                return out
+            slot = (slot[active] + 1) & self._mask
+            value = self._values[slot]
+            occupied = value >= 0
+            hit = occupied & (self._keys[slot] == needles[active])
+            out[active[hit]] = value[hit]
+            active = active[occupied & ~hit]
+        if len(active):
+            rest = needles[active]
+            pos = np.minimum(np.searchsorted(self._sorted, rest), len(self._sorted) - 1)
+            out[active] = np.where(self._sorted[pos] == rest, pos, -1)
         return out
 
 
