@@ -131,7 +131,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=300)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--max-batch-size", type=int, default=16)
-    p.add_argument("--batch-wait-ms", type=float, default=10.0)
+    p.add_argument("--batch-wait-ms", type=float, default=100.0)
     p.add_argument("--beam-size", type=int, default=3)
     p.add_argument("--replica-cpus", type=float, default=1.0)
     args = p.parse_args()

@@ -421,7 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--max-replicas", type=int, default=0, help="> 0: autoscale up to this")
     se.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per replica")
     se.add_argument("--max-batch-size", type=int, default=16, help="@serve.batch size")
-    se.add_argument("--batch-wait-ms", type=float, default=10.0, help="@serve.batch wait")
+    se.add_argument(
+        "--batch-wait-ms", type=float, default=100.0, help="@serve.batch wait (see README)"
+    )
     se.add_argument("--beam-size", type=int, default=5)
     se.add_argument("--n-best", type=int, default=3, help="beams returned per image")
     se.add_argument("--write-config", default=None, help="write a `serve deploy` YAML and exit")
