@@ -79,21 +79,18 @@ def main() -> None:
     # run of a block follows the toolkit's, whose Python objects have evicted our arrays from
     # the caches: that is the cold figure (in SCST the model's step comes between rewards)
     runs: dict[str, list[float]] = {name: [] for name in contenders}
-    cold: dict[str, list[float]] = {name: [] for name in contenders}
+    block = {name: 1 if name == "toolkit" else args.block for name in contenders}
     outputs = {}
     for _ in range(args.repeats):
         for name, fn in contenders.items():
-            for i in range(1 if name == "toolkit" else args.block):
+            for _ in range(block[name]):
                 gc.disable()
                 t = time.perf_counter()
                 outputs[name] = fn()
-                elapsed = time.perf_counter() - t
+                runs[name].append(time.perf_counter() - t)
                 gc.enable()
-                runs[name].append(elapsed)
-                if i == 0:
-                    cold[name].append(elapsed)
     best = {name: min(r) for name, r in runs.items()}
-    best_cold = {name: min(r) for name, r in cold.items()}
+    best_cold = {name: min(r[:: block[name]]) for name, r in runs.items()}  # first of each block
     theirs, ours = outputs["toolkit"], outputs["hericap"]
     # large corpora compute reference vectors on first use instead: time that path too
     lazy = CiderD(corpus, precompute_max_refs=0)

@@ -31,6 +31,7 @@ from PIL import Image
 from hericap.config.loader import load_config
 from hericap.data.text import Vocabulary
 from hericap.models.builder import build_captioner
+from hericap.serve.app import DEFAULTS
 from hericap.serve.server import start, stop
 from hericap.training.checkpoint import save_checkpoint
 
@@ -131,7 +132,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=300)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--max-batch-size", type=int, default=16)
-    p.add_argument("--batch-wait-ms", type=float, default=100.0)
+    p.add_argument("--batch-wait-ms", type=float, default=1000 * DEFAULTS["batch_wait_timeout_s"])
     p.add_argument("--beam-size", type=int, default=3)
     p.add_argument("--replica-cpus", type=float, default=1.0)
     args = p.parse_args()

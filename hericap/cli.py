@@ -270,14 +270,18 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def _serve_args(args: argparse.Namespace) -> dict:
     from hericap.serve.server import resolve_checkpoint
 
-    out = {
-        "checkpoint": resolve_checkpoint(args.checkpoint, args.best),
+    given = {
         "beam_size": args.beam_size,
         "n_best": args.n_best,
         "max_batch_size": args.max_batch_size,
-        "batch_wait_timeout_s": args.batch_wait_ms / 1000,
-        "num_replicas": args.replicas,
+        "batch_wait_timeout_s": None if args.batch_wait_ms is None else args.batch_wait_ms / 1000,
         "num_cpus": args.replica_cpus,
+    }
+    # options left out take the application's defaults (hericap.serve.app.DEFAULTS)
+    out = {
+        "checkpoint": resolve_checkpoint(args.checkpoint, args.best),
+        "num_replicas": args.replicas,
+        **{k: v for k, v in given.items() if v is not None},
     }
     if args.max_replicas:
         out["autoscaling"] = {"min_replicas": args.replicas, "max_replicas": args.max_replicas}
@@ -419,13 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--port", type=int, default=8000)
     se.add_argument("--replicas", type=int, default=1, help="replicas (autoscaling: minimum)")
     se.add_argument("--max-replicas", type=int, default=0, help="> 0: autoscale up to this")
-    se.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per replica")
-    se.add_argument("--max-batch-size", type=int, default=16, help="@serve.batch size")
-    se.add_argument(
-        "--batch-wait-ms", type=float, default=100.0, help="@serve.batch wait (see README)"
-    )
-    se.add_argument("--beam-size", type=int, default=5)
-    se.add_argument("--n-best", type=int, default=3, help="beams returned per image")
+    # left out: the application's defaults (DEFAULTS in hericap/serve/app.py; README, "Serving")
+    se.add_argument("--replica-cpus", type=float, default=None, help="CPUs per replica")
+    se.add_argument("--max-batch-size", type=int, default=None, help="@serve.batch size")
+    se.add_argument("--batch-wait-ms", type=float, default=None, help="@serve.batch wait")
+    se.add_argument("--beam-size", type=int, default=None)
+    se.add_argument("--n-best", type=int, default=None, help="beams returned per image")
     se.add_argument("--write-config", default=None, help="write a `serve deploy` YAML and exit")
     se.set_defaults(func=cmd_serve)
 
