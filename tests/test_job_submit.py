@@ -92,9 +92,11 @@ def ray_head():
             time.sleep(2)
         yield address, client_env
     finally:
+        # `ray start --block` stops its processes on SIGTERM within seconds when idle, but took
+        # over 30 s after a job had run; past a short grace, its processes are stopped by PID
         head.send_signal(signal.SIGTERM)
         try:
-            head.wait(timeout=30)
+            head.wait(timeout=8)
         except subprocess.TimeoutExpired:
             head.kill()
         for sig in (signal.SIGTERM, signal.SIGKILL):
