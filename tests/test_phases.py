@@ -7,7 +7,7 @@ import pytest
 from hericap.config import load_config
 from hericap.models.builder import build_captioner
 from hericap.training.optim import param_groups
-from hericap.training.phases import phase_at, plan_phases
+from hericap.training.phases import configured_phases, phase_at, plan_phases
 
 
 def test_phases_run_in_the_papers_order_and_skip_empty_ones():
@@ -22,6 +22,22 @@ def test_phases_run_in_the_papers_order_and_skip_empty_ones():
     assert phase_at(phases, 0).name == "freezing_xe" and phase_at(phases, 9).name == "finetune_sc"
     with pytest.raises(ValueError, match="past the last phase"):
         phase_at(phases, 10)
+
+
+def test_a_backbone_lr_of_zero_freezes_that_kind_of_phase():
+    def frozen(*overrides: str) -> dict[str, bool]:
+        cfg = load_config(["preset=demo", *overrides])
+        return {p.name: p.frozen for p in configured_phases(cfg.optimizer)}
+
+    epochs = ["optimizer.finetune_xe_epochs=2", "optimizer.finetune_sc_epochs=1"]
+    assert frozen(*epochs, "optimizer.sc_backbone_lr=0", "optimizer.xe_backbone_lr=1e-5") == {
+        "finetune_xe": False,
+        "finetune_sc": True,
+    }
+    assert frozen(*epochs, "optimizer.sc_backbone_lr=5e-6", "optimizer.xe_backbone_lr=0") == {
+        "finetune_xe": True,
+        "finetune_sc": False,
+    }
 
 
 def test_impossible_phase_plans_are_errors():

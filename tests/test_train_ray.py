@@ -48,21 +48,49 @@ def _shard_run_config(name: str, tmp_path, tiny_shards, *extra: str):
     )
 
 
-def test_two_worker_run_writes_checkpoint_that_loads_and_scores(ray_cluster, tiny_shards, tmp_path):
+def test_two_worker_run_of_the_whole_family_writes_a_checkpoint_that_loads_and_scores(
+    ray_cluster, tiny_shards, tmp_path
+):
+    """Grid (routing cells) + region (Deformable DETR) + global under 2-worker DDP, with the
+    paper's input pipeline at toy sizes (aspect-kept resize onto padded canvases, RandAugment):
+    DDP without ``find_unused_parameters`` fails on the second step if any trainable parameter
+    is unused. The checkpoint loads, generates and scores."""
     from hericap.training.driver import train
     from hericap.training.evaluate import evaluate_checkpoint
 
-    cfg = _shard_run_config("ray_test", tmp_path, tiny_shards, "optimizer.max_steps=6")
+    cfg = load_config(
+        [
+            "preset=tiny",
+            "exp.name=ray_test",
+            f"exp.output_dir={tmp_path}",
+            f"dataset.shard_dir={tiny_shards.root}",
+            "dataset.synthetic_seed=7",
+            "dataset.vocab_min_count=1",
+            "model.grid_layer_type=routing",
+            "dataset.resize=max_side",
+            "dataset.min_size=48",
+            "dataset.max_size=80",
+            "dataset.augment=randaugment",
+            "model.cap_generator.decoder_name=Concatenated_Sequential",
+            "optimizer.batch_size=8",
+            "optimizer.max_steps=3",
+            "optimizer.warmup_steps=2",
+            "decode.test_beam_size=2",
+            "decode.max_len=6",
+        ]
+    )
     outcome = train(cfg)
-    # 256 images / (2 workers x 8) = 16 steps per epoch, capped at 6 steps in total.
-    assert outcome.best_metrics["step"] == 6 and outcome.best_metrics["epoch"] == 0
+    # 256 images / (2 workers x 8) = 16 steps per epoch, capped at 3 steps in total.
+    assert outcome.best_metrics["step"] == 3 and outcome.best_metrics["epoch"] == 0
     assert len(outcome.history) == 1 and outcome.history[0]["val_images"] == 32
     assert outcome.best_metrics["val_CIDEr"] >= 0.0
 
     ckpt = load_checkpoint(outcome.best_checkpoint)
     assert ckpt.config == cfg and len(ckpt.vocab) > 10
+    assert ckpt.model.memory_names == ["grid", "region", "global"]
+    assert ckpt.model.region_encoder is not None
     state = ckpt.training_state()
-    assert state["step"] == 6 and state["phase"] == "finetune_xe" and len(state["rng"]) == 2
+    assert state["step"] == 3 and state["phase"] == "finetune_xe" and len(state["rng"]) == 2
     assert {g["name"] for g in state["optimizer"]["param_groups"]} >= {"head_decay"}
     out = ckpt.model.generate(torch.zeros(1, 3, 64, 64), beam_size=2, max_len=5)
     assert out.tokens.shape[0] == 1
@@ -126,7 +154,9 @@ def test_four_phases_freeze_then_finetune_under_ddp_with_accumulation(
     ray_cluster, tiny_shards, tmp_path
 ):
     """freezing_xe -> freezing_sc -> finetune_xe -> finetune_sc, 2 DDP workers, 2 accumulated
-    batches per step: the backbone does not move in the frozen phases and does after."""
+    batches per step, bf16 autocast (here on CPU; GPU runs get it by default): the backbone does
+    not move in the frozen phases and does after; the SCST epochs record their reward setting.
+    (A backbone LR of 0 freezing a phase is tested in test_phases.py.)"""
     from hericap.models.builder import build_captioner
     from hericap.training.driver import train
 
@@ -141,8 +171,11 @@ def test_four_phases_freeze_then_finetune_under_ddp_with_accumulation(
         "optimizer.finetune_xe_epochs=1",
         "optimizer.finetune_sc_epochs=1",
         "optimizer.sc_backbone_lr=5e-5",  # the preset's 0 would freeze it in finetune_sc too
+        "optimizer.sc_lr=1e-4",
         "optimizer.grad_accum_steps=2",
+        "optimizer.sc_baseline=leave_one_out",
         "optimizer.sc_num_sequences=2",
+        "exp.mixed_precision=bf16",
         "optimizer.checkpoint_num_to_keep=4",
         "exp.log_every_steps=1",
         "decode.max_len=6",
@@ -160,6 +193,14 @@ def test_four_phases_freeze_then_finetune_under_ddp_with_accumulation(
     assert all(h["worker_steps_min"] == h["worker_steps_max"] == 2 for h in outcome.history)
     assert outcome.history[0]["lr_backbone"] is None  # no backbone group while frozen
     assert outcome.history[2]["lr_backbone"] > 0
+    assert [h["phase"] for h in outcome.history] == ["xe", "sc", "xe", "sc"]
+    for sc in (outcome.history[1], outcome.history[3]):
+        assert sc["sc_baseline"] == "leave_one_out" and sc["sc_include_eos"]
+        assert sc["train_reward"] >= 0.0 and sc["lr"] == pytest.approx(1e-4)
+    latest = json.loads((outcome.latest_checkpoint / "meta.json").read_text())
+    assert latest["phase"] == "sc"
+    state = load_checkpoint(outcome.latest_checkpoint).training_state()
+    assert state["phase"] == "finetune_sc" and state["epoch"] == 3
 
     vocab_size = len(load_checkpoint(outcome.best_checkpoint).vocab)
     torch.manual_seed(cfg.exp.seed)  # the loop builds the initial weights the same way
@@ -292,81 +333,6 @@ def test_a_killed_worker_is_replaced_and_the_run_completes(ray_cluster, tiny_sha
     assert [h["epoch"] for h in outcome.history] == [0, 1, 2]
     assert [h["step"] for h in outcome.history] == [16, 32, 48]
     assert outcome.history[0]["attempt"] == 1 and outcome.history[-1]["attempt"] == 2
-
-
-def test_xe_then_scst_run_records_the_reward_setting(ray_cluster, tiny_shards, tmp_path):
-    from hericap.training.driver import train
-
-    cfg = _shard_run_config(
-        "ray_scst",
-        tmp_path,
-        tiny_shards,
-        "dataset.overfit=True",
-        "dataset.overfit_size=32",
-        "optimizer.finetune_xe_epochs=1",
-        "optimizer.finetune_sc_epochs=1",
-        "optimizer.sc_baseline=leave_one_out",
-        "optimizer.sc_num_sequences=3",
-        "optimizer.sc_lr=1e-4",
-        "optimizer.sc_backbone_lr=0",  # LR 0 freezes the backbone for SCST (the demo's setting)
-        "exp.mixed_precision=bf16",  # bf16 autocast, here on CPU (GPU runs get it by default)
-    )
-    outcome = train(cfg)
-    # 32 images / (2 workers x 8) = 2 steps per epoch: one XE epoch, then one SCST epoch
-    assert [h["phase"] for h in outcome.history] == ["xe", "sc"]
-    # even per-worker shards: both workers took every step of both epochs
-    assert all(h["worker_steps_min"] == h["worker_steps_max"] == 2 for h in outcome.history)
-    sc = outcome.history[1]
-    assert sc["step"] == 4 and sc["sc_baseline"] == "leave_one_out" and sc["sc_include_eos"]
-    assert sc["train_reward"] >= 0.0 and sc["lr"] == pytest.approx(1e-4)
-    assert [h["frozen_backbone"] for h in outcome.history] == [False, True]
-    assert sc["lr_backbone"] is None  # frozen: no backbone group, no gradients computed
-    states = _checkpoints(tmp_path / "ray_scst" / "runs" / "train")
-    assert sorted(states) == [0, 1]
-    moved = {k for k in states[0] if not torch.equal(states[0][k], states[1][k])}
-    assert moved and not any(k.startswith("extractor.") for k in moved)
-    assert any(k.startswith("decoder.") for k in moved)
-    latest = json.loads((outcome.latest_checkpoint / "meta.json").read_text())
-    assert latest["phase"] == "sc"
-    state = load_checkpoint(outcome.latest_checkpoint).training_state()
-    assert state["phase"] == "finetune_sc" and state["epoch"] == 1
-
-
-def test_full_model_family_trains_under_ddp_without_unused_parameters(
-    ray_cluster, tiny_shards, tmp_path
-):
-    """Grid (routing cells) + region (Deformable DETR) + global under 2-worker DDP: DDP without
-    ``find_unused_parameters`` fails on the second step if any trainable parameter is unused."""
-    from hericap.training.driver import train
-
-    cfg = load_config(
-        [
-            "preset=tiny",
-            "exp.name=family",
-            f"exp.output_dir={tmp_path}",
-            f"dataset.shard_dir={tiny_shards.root}",
-            "dataset.synthetic_seed=7",
-            "dataset.vocab_min_count=1",
-            "dataset.max_val_images=16",
-            "model.grid_layer_type=routing",
-            # the paper's pipeline at toy sizes: aspect-kept resize onto padded canvases, and
-            # training augmentation
-            "dataset.resize=max_side",
-            "dataset.min_size=48",
-            "dataset.max_size=80",
-            "dataset.augment=randaugment",
-            "model.cap_generator.decoder_name=Concatenated_Sequential",
-            "optimizer.batch_size=8",
-            "optimizer.max_steps=3",
-            "optimizer.warmup_steps=2",
-            "decode.max_len=6",
-        ]
-    )
-    outcome = train(cfg)
-    assert outcome.best_metrics["step"] == 3
-    ckpt = load_checkpoint(outcome.best_checkpoint)
-    assert ckpt.model.memory_names == ["grid", "region", "global"]
-    assert ckpt.model.region_encoder is not None
 
 
 def test_checkpoints_on_s3_keep_the_best_and_resume(
