@@ -42,15 +42,8 @@ CANDS = {
 }
 
 
-_TOOLKIT_RUNS: dict[str, dict[str, float]] = {}
-
-
 def _toolkit_scores(refs, cands, cider_only: bool = False) -> dict[str, float]:
-    """The coco-caption toolkit run directly (PTB tokeniser and METEOR are Java: seconds each),
-    once per distinct input in this module."""
-    key = json.dumps([refs, cands, cider_only], sort_keys=True)
-    if key in _TOOLKIT_RUNS:
-        return _TOOLKIT_RUNS[key]
+    """The coco-caption toolkit run directly (PTB tokeniser and METEOR are Java: seconds each)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor
@@ -66,7 +59,6 @@ def _toolkit_scores(refs, cands, cider_only: bool = False) -> dict[str, float]:
         out.update({f"Bleu_{i + 1}": b for i, b in enumerate(bleu)})
         out["METEOR"] = Meteor().compute_score(gts, res)[0]
         out["ROUGE_L"] = Rouge().compute_score(gts, res)[0]
-    _TOOLKIT_RUNS[key] = out
     return out
 
 
@@ -127,37 +119,36 @@ def test_python_cider_matches_toolkit_on_clean_text():
     assert cider_d(REFS, CANDS) == pytest.approx(expected, abs=1e-12)
 
 
-@pytest.mark.realdata
-def test_real_coco_caption_example_matches_toolkit(realdata, scorer):
-    gt = json.loads((realdata / "coco-caption/captions_val2014_fakecap_subset_gt.json").read_text())
-    res = json.loads(
-        (realdata / "coco-caption/captions_val2014_fakecap_subset_results.json").read_text()
-    )
+@pytest.fixture(scope="module")
+def fakecap(realdata):
+    """The toolkit's own example (its fake captions of a val2014 subset): the two files, their
+    references and candidates, and the toolkit's scores of them (run once for this module)."""
+    gt = realdata / "coco-caption/captions_val2014_fakecap_subset_gt.json"
+    res = realdata / "coco-caption/captions_val2014_fakecap_subset_results.json"
     refs: dict[str, list[str]] = {}
-    for a in gt["annotations"]:
+    for a in json.loads(gt.read_text())["annotations"]:
         refs.setdefault(str(a["image_id"]), []).append(a["caption"])
-    cands = {str(r["image_id"]): r["caption"] for r in res}
+    cands = {str(r["image_id"]): r["caption"] for r in json.loads(res.read_text())}
+    return gt, res, refs, cands, _toolkit_scores(refs, cands)
+
+
+@pytest.mark.realdata
+def test_real_coco_caption_example_matches_toolkit(fakecap, scorer):
+    _, _, refs, cands, theirs = fakecap
     assert len(cands) == 334 and sum(len(v) for v in refs.values()) == 1672
     ours = scorer.score(refs, cands)
-    theirs = _toolkit_scores(refs, cands)
     for key, value in theirs.items():
         assert ours[key] == pytest.approx(value, abs=1e-12), key
 
 
 @pytest.mark.realdata
-def test_score_command_equals_toolkit_on_real_results_file(realdata, capsys):
+def test_score_command_equals_toolkit_on_real_results_file(fakecap, capsys):
     from hericap.cli import main
 
-    gt = realdata / "coco-caption/captions_val2014_fakecap_subset_gt.json"
-    res = realdata / "coco-caption/captions_val2014_fakecap_subset_results.json"
+    gt, res, _, _, theirs = fakecap
     assert main(["score", "--results", str(res), "--annotations", str(gt), "--json"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     ours = json.loads(out[-1])
-    refs: dict[str, list[str]] = {}
-    for a in json.loads(gt.read_text())["annotations"]:
-        refs.setdefault(str(a["image_id"]), []).append(a["caption"])
-    cands = {str(r["image_id"]): r["caption"] for r in json.loads(res.read_text())}
-    theirs = _toolkit_scores(refs, cands)
     for key, value in theirs.items():
         assert ours[key] == pytest.approx(value, abs=1e-12), key
     assert set(ours) >= {"Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE"}
