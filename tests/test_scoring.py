@@ -85,6 +85,25 @@ def test_spice_reported_unavailable_with_reason(scorer, monkeypatch, tmp_path):
     assert scorer.score(REFS, CANDS)["SPICE"] is None
 
 
+def test_spice_that_fails_to_run_is_reported_with_the_java_error(tmp_path, caplog):
+    # The CoreNLP 3.6.0 jars cannot be obtained offline, so this runs the real SPICE jar under
+    # our Java 17 flags with two empty files in their place: the JVM accepts the flags, SPICE
+    # parses our arguments and input and gets as far as loading CoreNLP's first class.
+    from hericap.evaluation.coco_metrics import CORENLP_JARS
+
+    for name in CORENLP_JARS:
+        (tmp_path / name).write_bytes(b"")
+    assert find_spice(str(tmp_path)).available
+    with CocoScorer(meteor=False, spice_jars=str(tmp_path)) as s:
+        first = s.score(REFS, CANDS)
+        reason = s.spice.reason
+        assert not s.spice.available
+        assert s.score(REFS, CANDS) == first  # marked unavailable: not retried
+    assert first["SPICE"] is None and first["CIDEr"] > 0 and first["Bleu_4"] > 0
+    assert reason.startswith("SPICE failed (exit 1): java.lang.NoClassDefFoundError: edu/stanford")
+    assert "edu.anu.spice.SpiceParser" in caplog.text  # the full Java trace is logged
+
+
 def test_ids_must_match(scorer):
     with pytest.raises(ValueError, match="ids differ"):
         scorer.score(REFS, {"1": "a man"})

@@ -25,6 +25,7 @@ import numpy as np
 __all__ = [
     "METRIC_KEYS",
     "CocoScorer",
+    "SpiceError",
     "SpiceStatus",
     "find_spice",
     "toolkit_cider_corpus_df",
@@ -91,6 +92,20 @@ def find_spice(jar_dir: str | None = None) -> SpiceStatus:
     )
 
 
+class SpiceError(RuntimeError):
+    """SPICE was found but its Java process failed."""
+
+
+def _java_error(stderr: str) -> str:
+    """The line of a Java stack trace that names the error (its first ``...Error``/``...Exception``
+    line), else the last line of ``stderr``."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in lines:
+        if "Error" in line or "Exception" in line:
+            return line.removeprefix('Exception in thread "main" ')
+    return lines[-1] if lines else "no output"
+
+
 def _run_spice(
     status: SpiceStatus, gts: Mapping[str, list[str]], res: Mapping[str, list[str]]
 ) -> float:
@@ -118,7 +133,8 @@ def _run_spice(
         ]
         proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
-            raise RuntimeError(f"SPICE failed ({proc.returncode}): {proc.stderr[-2000:]}")
+            logger.error("SPICE exited with %d:\n%s", proc.returncode, proc.stderr[-4000:])
+            raise SpiceError(f"SPICE failed (exit {proc.returncode}): {_java_error(proc.stderr)}")
         results = json.loads((work / "out.json").read_text())
         # As the toolkit: undefined per-image F-scores count as NaN in the mean.
         scores = [r["scores"]["All"]["f"] for r in results]
@@ -179,8 +195,21 @@ class CocoScorer:
         out["METEOR"] = float(self._meteor.compute_score(gts, res)[0]) if self._meteor else None
         out["ROUGE_L"] = float(self._rouge.compute_score(gts, res)[0])
         out["CIDEr"] = float(self._cider.compute_score(gts, res)[0])
-        out["SPICE"] = _run_spice(self.spice, gts, res) if self.spice.available else None
+        out["SPICE"] = self._spice(gts, res)
         return out
+
+    def _spice(self, gts: dict[str, list[str]], res: dict[str, list[str]]) -> float | None:
+        """SPICE, or ``None`` when it is unavailable. A SPICE that fails to run does not take
+        the other metrics down: it is logged, marked unavailable with the Java error as the
+        reason (so reports say why), and not retried."""
+        if not self.spice.available:
+            return None
+        try:
+            return _run_spice(self.spice, gts, res)
+        except SpiceError as err:
+            logger.error("%s; SPICE is reported as unavailable from now on", err)
+            self.spice = SpiceStatus(False, str(err), [])
+            return None
 
     def close(self) -> None:
         if self._meteor is not None:
