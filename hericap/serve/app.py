@@ -12,8 +12,9 @@ Serve's 10 ms. Under load the batch fills first and the wait never runs out; it 
 requests come back slower than a short wait: each one costs the event loop several ms of Python
 (Ray's request plumbing, FastAPI, the image checks), and on CPU the model's Python holds the GIL
 while a batch decodes. Measured at concurrency 16 on 2 cores, a 10 ms wait fired with ~3
-requests, 50 ms with ~7-8, 100 ms with ~16 (3.7-4.4x the unbatched throughput). A lone request
-pays up to the wait in latency: lower it (``batch_wait_timeout_s``) where load is light.
+requests, 50 ms with ~7-8, 100 ms with ~14-16 (3.6-4.6x the unbatched throughput, median
+4.1x). A lone request pays up to the wait in latency: lower it (``batch_wait_timeout_s``) where
+load is light.
 
 ``serve run hericap.serve.app:build_app checkpoint=PATH`` and ``serve deploy`` configs
 (:func:`serve_config`) use :func:`build_app`.
