@@ -358,6 +358,7 @@ def test_checkpoints_on_s3_keep_the_best_and_resume(
             "dataset.overfit_size=32",
             "optimizer.finetune_sc_epochs=0",
             "optimizer.checkpoint_num_to_keep=1",
+            "exp.world_size=1",
             *extra,
         )
         return train(cfg)
@@ -371,10 +372,10 @@ def test_checkpoints_on_s3_keep_the_best_and_resume(
     assert (first.latest_checkpoint / "training_state.pt").is_file()  # a local copy
 
     resumed = run("exp.resume=True")
-    # 32 images / (2 workers x 8) = 2 steps per epoch; the second run only trained epoch 2
+    # 32 images / (1 worker x 8) = 4 steps per epoch; the second run only trained epoch 2
     assert [(h["epoch"], h["step"], h["attempt"]) for h in resumed.history] == [
-        (0, 2, 1),
-        (1, 4, 2),
+        (0, 4, 1),
+        (1, 8, 2),
     ]
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="runs")["Contents"]}
     kept = {k.split("/")[2] for k in keys if k.startswith("hericap/train/checkpoint_")}
