@@ -96,7 +96,7 @@ def ray_head():
         # over 30 s after a job had run; past a short grace, its processes are stopped by PID
         head.send_signal(signal.SIGTERM)
         try:
-            head.wait(timeout=8)
+            head.wait(timeout=3)
         except subprocess.TimeoutExpired:
             head.kill()
         for sig in (signal.SIGTERM, signal.SIGKILL):
