@@ -236,12 +236,24 @@ def test_four_phases_freeze_then_finetune_under_ddp_with_accumulation(
         assert png.format == "PNG" and png.size[0] > 500
 
 
-def test_resume_gives_the_weights_of_a_straight_run(ray_cluster, tiny_shards, tmp_path):
-    """2 epochs straight vs the same 2 epochs in two invocations: 40 steps and stop (epoch 1,
-    a step checkpoint at step 35 and the stop's at step 40, both inside epoch 2), resume to the
-    end: identical weights and losses (CPU, one worker, deterministic data order). Resuming
-    from an epoch-end checkpoint is exercised by the S3 and killed-worker tests."""
+def test_resume_from_s3_gives_the_weights_of_a_straight_run(
+    ray_cluster, tiny_shards, moto_server, tmp_path
+):
+    """2 epochs straight (local storage) vs the same 2 epochs in two invocations with Ray Train
+    storage on S3 (a moto server on 127.0.0.1): 40 steps and stop (epoch 1, a step checkpoint at
+    step 35 and the stop's at step 40, both inside epoch 2), resume from the bucket to the end:
+    identical weights and losses (CPU, one worker, deterministic data order); checkpoints and
+    the kept best land in the bucket, with local copies that load. Resuming from an epoch-end
+    checkpoint is exercised by the killed-worker test."""
+    import boto3
+
     from hericap.training.driver import train
+
+    s3 = boto3.client("s3", endpoint_url=moto_server)
+    s3.create_bucket(Bucket="runs")
+
+    def bucket_keys() -> set[str]:
+        return {o["Key"] for o in s3.list_objects_v2(Bucket="runs")["Contents"]}
 
     common = [
         "optimizer.finetune_xe_epochs=2",
@@ -252,32 +264,41 @@ def test_resume_gives_the_weights_of_a_straight_run(ray_cluster, tiny_shards, tm
     straight = train(_shard_run_config("straight", tmp_path, tiny_shards, *common))
 
     def stopped(*extra: str):
-        more = [*common, "optimizer.checkpoint_num_to_keep=1", *extra]
-        return train(_shard_run_config("stopped", tmp_path, tiny_shards, *more))
+        more = [*common, "exp.storage_path=s3://runs/hericap", "optimizer.checkpoint_num_to_keep=1"]
+        return train(_shard_run_config("stopped", tmp_path, tiny_shards, *more, *extra))
 
     first = stopped("exp.steps_per_run=40", "exp.checkpoint_every_steps=35")
     latest = json.loads((first.latest_checkpoint / "meta.json").read_text())
     assert latest["mid_epoch"] and latest["step"] == 40 and latest["epoch"] == 1
+    assert (first.latest_checkpoint / "training_state.pt").is_file()  # a local copy
     assert [h["epoch"] for h in first.history] == [0]  # epoch 2 not finished yet
+    keys = bucket_keys()
+    assert any(k.startswith("hericap/train/checkpoint_") and k.endswith("/model.pt") for k in keys)
+    assert {"hericap/best/meta.json", "hericap/best/model.pt"} <= keys
+    assert load_checkpoint(first.best_checkpoint).meta["epoch"] == 0
+
     resumed = stopped("exp.resume=True")
     assert [h["epoch"] for h in resumed.history] == [0, 1]
     assert resumed.history[1]["step"] == straight.history[1]["step"] == 64  # 256 / 8 x 2
     assert resumed.history[1]["attempt"] == 2
 
     a = _checkpoints(tmp_path / "straight" / "runs" / "train")[1]
-    b = _checkpoints(tmp_path / "stopped" / "runs" / "train")[1]
+    b = torch.load(resumed.latest_checkpoint / "model.pt", map_location="cpu", weights_only=True)
+    assert json.loads((resumed.latest_checkpoint / "meta.json").read_text())["epoch"] == 1
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, different[:5]
     assert resumed.history[1]["train_loss"] == straight.history[1]["train_loss"]
 
-    # retention: Ray kept only the latest (K=1); the best by val CIDEr was copied aside
-    kept = [p for p in (tmp_path / "stopped" / "runs" / "train").glob("checkpoint_*") if p.is_dir()]
+    # retention in the bucket: Ray kept only the latest (K=1); the best by val CIDEr was copied
+    # aside
+    kept = {k.split("/")[2] for k in bucket_keys() if k.startswith("hericap/train/checkpoint_")}
+    kept.discard("checkpoint_manager_snapshot.json")
     assert len(kept) == 1
     best_epoch = max(resumed.history, key=lambda h: h["val_CIDEr"])["epoch"]
     assert resumed.best_metrics["epoch"] == best_epoch
-    stored_best = json.loads((tmp_path / "stopped" / "runs" / "best" / "meta.json").read_text())
-    assert stored_best["val_CIDEr"] == max(h["val_CIDEr"] for h in resumed.history)
+    best = json.loads(s3.get_object(Bucket="runs", Key="hericap/best/meta.json")["Body"].read())
+    assert best["val_CIDEr"] == max(h["val_CIDEr"] for h in resumed.history)
 
 
 def test_a_killed_worker_is_replaced_and_the_run_completes(ray_cluster, tiny_shards, tmp_path):
@@ -333,53 +354,3 @@ def test_a_killed_worker_is_replaced_and_the_run_completes(ray_cluster, tiny_sha
     assert [h["epoch"] for h in outcome.history] == [0, 1, 2]
     assert [h["step"] for h in outcome.history] == [16, 32, 48]
     assert outcome.history[0]["attempt"] == 1 and outcome.history[-1]["attempt"] == 2
-
-
-def test_checkpoints_on_s3_keep_the_best_and_resume(
-    ray_cluster, tiny_shards, moto_server, tmp_path
-):
-    """Ray Train storage on S3 (a moto server on 127.0.0.1): checkpoints and the kept best land
-    in the bucket, a local copy of the best loads, and a rerun with exp.resume=True continues
-    from the checkpoint in the bucket."""
-    import boto3
-
-    from hericap.training.driver import train
-
-    s3 = boto3.client("s3", endpoint_url=moto_server)
-    s3.create_bucket(Bucket="runs")
-
-    def run(*extra: str):
-        cfg = _shard_run_config(
-            "on_s3",
-            tmp_path,
-            tiny_shards,
-            "exp.storage_path=s3://runs/hericap",
-            "dataset.overfit=True",
-            "dataset.overfit_size=32",
-            "optimizer.finetune_sc_epochs=0",
-            "optimizer.checkpoint_num_to_keep=1",
-            "exp.world_size=1",
-            *extra,
-        )
-        return train(cfg)
-
-    first = run("exp.epochs_per_run=1")
-    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="runs")["Contents"]}
-    assert any(k.startswith("hericap/train/checkpoint_") and k.endswith("/model.pt") for k in keys)
-    assert {"hericap/best/meta.json", "hericap/best/model.pt"} <= keys
-    assert [h["epoch"] for h in first.history] == [0]
-    assert load_checkpoint(first.best_checkpoint).meta["epoch"] == 0
-    assert (first.latest_checkpoint / "training_state.pt").is_file()  # a local copy
-
-    resumed = run("exp.resume=True")
-    # 32 images / (1 worker x 8) = 4 steps per epoch; the second run only trained epoch 2
-    assert [(h["epoch"], h["step"], h["attempt"]) for h in resumed.history] == [
-        (0, 4, 1),
-        (1, 8, 2),
-    ]
-    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="runs")["Contents"]}
-    kept = {k.split("/")[2] for k in keys if k.startswith("hericap/train/checkpoint_")}
-    kept.discard("checkpoint_manager_snapshot.json")
-    assert len(kept) == 1  # the last K=1; the best is kept aside
-    best = json.loads(s3.get_object(Bucket="runs", Key="hericap/best/meta.json")["Body"].read())
-    assert best["val_CIDEr"] == max(h["val_CIDEr"] for h in resumed.history)
