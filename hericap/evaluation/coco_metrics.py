@@ -93,7 +93,11 @@ def find_spice(jar_dir: str | None = None) -> SpiceStatus:
 
 
 class SpiceError(RuntimeError):
-    """SPICE was found but its Java process failed."""
+    """SPICE was found but its Java process failed; ``stderr`` holds the end of its output."""
+
+    def __init__(self, message: str, stderr: str) -> None:
+        super().__init__(message)
+        self.stderr = stderr
 
 
 def _java_error(stderr: str) -> str:
@@ -133,8 +137,8 @@ def _run_spice(
         ]
         proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
-            logger.error("SPICE exited with %d:\n%s", proc.returncode, proc.stderr[-4000:])
-            raise SpiceError(f"SPICE failed (exit {proc.returncode}): {_java_error(proc.stderr)}")
+            reason = f"SPICE failed (exit {proc.returncode}): {_java_error(proc.stderr)}"
+            raise SpiceError(reason, proc.stderr[-4000:])
         results = json.loads((work / "out.json").read_text())
         # As the toolkit: undefined per-image F-scores count as NaN in the mean.
         scores = [r["scores"]["All"]["f"] for r in results]
@@ -207,7 +211,7 @@ class CocoScorer:
         try:
             return _run_spice(self.spice, gts, res)
         except SpiceError as err:
-            logger.error("%s; SPICE is reported as unavailable from now on", err)
+            logger.error("%s; SPICE is reported as unavailable from now on\n%s", err, err.stderr)
             self.spice = SpiceStatus(False, str(err), [])
             return None
 
