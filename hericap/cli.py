@@ -89,6 +89,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def _train_and_test(cfg, skip_test: bool = False, compare_xe: bool = False) -> dict | None:
     """Train, then score the best checkpoint on the test split. With ``compare_xe`` and SCST
     epochs, the best XE checkpoint is scored too (under ``report["xe"]``)."""
+    from hericap.evaluation.coco_metrics import CocoScorer
     from hericap.training.driver import train
     from hericap.training.evaluate import evaluate_checkpoint
     from hericap.training.ray_utils import ray_session
@@ -107,18 +108,22 @@ def _train_and_test(cfg, skip_test: bool = False, compare_xe: bool = False) -> d
         )
         if skip_test:
             return None
-        report = evaluate_checkpoint(cfg, outcome.best_checkpoint, "test")
-        if compare_xe and outcome.best_xe_checkpoint is not None:
-            xe = evaluate_checkpoint(
-                cfg,
-                outcome.best_xe_checkpoint,
-                "test",
-                out_dir=Path(cfg.run_dir) / "xe",
-                with_oracle=False,  # the same references: the oracle is the report's
-            )
-            report["xe"] = {
-                k: xe[k] for k in ("metrics", "metrics_4ref", "semantic", "checkpoint", "training")
-            }
+        # one toolkit (one METEOR JVM) for both checkpoints; its JVM loads during the decode
+        with CocoScorer(spice_jars=None) as scorer:
+            report = evaluate_checkpoint(cfg, outcome.best_checkpoint, "test", scorer=scorer)
+            if compare_xe and outcome.best_xe_checkpoint is not None:
+                xe = evaluate_checkpoint(
+                    cfg,
+                    outcome.best_xe_checkpoint,
+                    "test",
+                    out_dir=Path(cfg.run_dir) / "xe",
+                    with_oracle=False,  # the same references: the oracle is the report's
+                    scorer=scorer,
+                )
+                report["xe"] = {
+                    k: xe[k]
+                    for k in ("metrics", "metrics_4ref", "semantic", "checkpoint", "training")
+                }
         return report
 
 

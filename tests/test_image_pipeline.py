@@ -182,3 +182,57 @@ def test_real_photos_stream_through_ray_data_at_the_paper_rule(realdata, ray_clu
     assert len({w / h > 1 for w, h in sizes.values()}) == 2  # landscape and portrait both seen
     photo = next((f8k / "images").glob("*.jpg"))
     assert load_image(Path(photo).read_bytes()).mode == "RGB"
+
+
+def test_train_images_are_cached_only_unaugmented_and_within_the_limit():
+    from hericap.training.driver import cache_decoded_train
+
+    demo = load_config(["preset=demo"])
+    assert demo.dataset.augment == "none" and demo.dataset.cache_decoded_mb == 2048
+    assert cache_decoded_train(demo, 6000)  # 6000 x 64 x 64 x 3 bytes: 70 MiB
+    assert not cache_decoded_train(
+        load_config(["preset=demo", "dataset.cache_decoded_mb=60"]), 6000
+    )
+    assert not cache_decoded_train(load_config(["preset=demo", "dataset.cache_decoded_mb=0"]), 10)
+    augmented = load_config(["preset=demo", "dataset.augment=randaugment"])
+    assert not cache_decoded_train(augmented, 10)
+    paper = load_config(["preset=demo", "dataset.resize=max_side"])  # 640 x 640 canvases
+    assert cache_decoded_train(paper, 1000) and not cache_decoded_train(paper, 2000)
+
+
+@pytest.mark.ray
+def test_cached_train_images_are_the_streamed_pixels_and_need_no_shards_after(
+    ray_cluster, tiny_shards, tmp_path
+):
+    """``cache=True`` decodes once: the shards can be gone and every execution still yields
+    every image, with the pixels the streaming pipeline decodes, in a seeded order that
+    repeats (exact resume)."""
+    import shutil
+
+    from hericap.data.pipeline import shard_dataset
+
+    files = []
+    for src in tiny_shards.files("train"):
+        files.append(tmp_path / Path(src).name)
+        shutil.copy(src, files[-1])
+    columns = ["image_id", "image"]
+    streamed = {
+        str(i): im
+        for b in shard_dataset(files, 32, columns=columns).iter_batches(batch_format="numpy")
+        for i, im in zip(b["image_id"], b["image"], strict=True)
+    }
+    cached = shard_dataset(files, 32, shuffle=True, seed=3, columns=columns, cache=True)
+    for f in files:
+        f.unlink()
+    orders = []
+    for _ in range(2):
+        order = []
+        for b in cached.iter_batches(batch_size=50, batch_format="numpy"):
+            for image_id, image in zip(b["image_id"], b["image"], strict=True):
+                assert np.array_equal(image, streamed[str(image_id)])
+                order.append(str(image_id))
+        orders.append(order)
+    assert len(orders[0]) == len(streamed) == 256 and set(orders[0]) == set(streamed)
+    assert orders[0] == orders[1]
+    with pytest.raises(ValueError, match="freeze one draw of the augmentation"):
+        shard_dataset(tiny_shards.files("train"), 32, augment=RandAugment(2, 5), cache=True)

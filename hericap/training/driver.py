@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -135,6 +136,15 @@ def decode_concurrency(cfg: Config) -> int | None:
     return cfg.dataset.decode_concurrency or cfg.optimizer.num_workers or None
 
 
+def cache_decoded_train(cfg: Config, n_train: int) -> bool:
+    """Whether the train split is decoded once and kept (``dataset.cache_decoded_mb``): only
+    without augmentation, and only when ``n_train`` canvases fit in the limit."""
+    if cfg.dataset.augment != "none" or cfg.dataset.cache_decoded_mb <= 0:
+        return False
+    height, width = resize_spec(cfg.dataset).canvas
+    return n_train * height * width * 3 <= cfg.dataset.cache_decoded_mb * 2**20
+
+
 def train(cfg: Config, callbacks: list[ray.train.UserCallback] | None = None) -> TrainOutcome:
     """Train per ``cfg`` on the current Ray cluster (call :func:`init_ray` first).
 
@@ -196,6 +206,8 @@ def train(cfg: Config, callbacks: list[ray.train.UserCallback] | None = None) ->
         }
 
     concurrency = decode_concurrency(cfg)
+    cache = cache_decoded_train(cfg, n_train)
+    t_decode = time.time()
     datasets = {
         "train": shard_dataset(
             train_files,
@@ -208,8 +220,18 @@ def train(cfg: Config, callbacks: list[ray.train.UserCallback] | None = None) ->
             concurrency=concurrency,
             keep_ids=keep_train,
             seed=cfg.exp.seed if cfg.exp.deterministic else None,
+            cache=cache,
         ),
     }
+    if cache:
+        logger.info(
+            "%d train images decoded once in %.1fs and kept in the object store (~%.0f MB of "
+            "dataset.cache_decoded_mb=%d); epochs re-read them",
+            n_train,
+            time.time() - t_decode,
+            n_train * math.prod(resize_spec(cfg.dataset).canvas) * 3 / 2**20,
+            cfg.dataset.cache_decoded_mb,
+        )
     data_config = None
     if cfg.exp.deterministic:  # order-preserving execution and splits: exact resume
         options = DataConfig.default_ingest_options()
