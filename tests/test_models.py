@@ -108,7 +108,11 @@ def test_packed_teacher_forcing_equals_dense_with_gradients(variant):
     assert not (dense[~keep] == 0).all()
     assert packed_grads.keys() == dense_grads.keys()
     for name, grad in dense_grads.items():
-        assert torch.allclose(packed_grads[name], grad, atol=1e-5), name
+        # float32 sums in another order: an entry that cancels to ~0 keeps an error of the
+        # tensor's scale (1.9e-5 on a bias whose entries reach 55, on an AVX-512 CPU), so the
+        # absolute tolerance follows the largest entry; a leaked padded position is far larger
+        scale = max(1.0, grad.abs().max().item())
+        assert torch.allclose(packed_grads[name], grad, rtol=1e-5, atol=1e-5 * scale), name
 
 
 def test_padding_inside_a_caption_is_computed_densely():
