@@ -184,20 +184,30 @@ def test_real_photos_stream_through_ray_data_at_the_paper_rule(realdata, ray_clu
     assert load_image(Path(photo).read_bytes()).mode == "RGB"
 
 
-def test_train_images_are_cached_only_unaugmented_and_within_the_limit():
+def test_train_images_are_cached_only_unaugmented_and_within_the_limits():
     from hericap.training.driver import cache_decoded_train
+
+    def cached(overrides: list[str], n_train: int, store: float | None = None) -> bool:
+        decision, why = cache_decoded_train(
+            load_config(["preset=demo", *overrides]), n_train, store
+        )
+        assert why  # the driver logs the reason either way
+        return decision
 
     demo = load_config(["preset=demo"])
     assert demo.dataset.augment == "none" and demo.dataset.cache_decoded_mb == 2048
-    assert cache_decoded_train(demo, 6000)  # 6000 x 64 x 64 x 3 bytes: 70 MiB
-    assert not cache_decoded_train(
-        load_config(["preset=demo", "dataset.cache_decoded_mb=60"]), 6000
+    assert cached([], 6000)  # 6000 x 64 x 64 x 3 bytes: 70 MiB
+    assert not cached(["dataset.cache_decoded_mb=60"], 6000)
+    assert not cached(["dataset.cache_decoded_mb=0"], 10)
+    assert (
+        "augment"
+        in cache_decoded_train(load_config(["preset=demo", "dataset.augment=randaugment"]), 10)[1]
     )
-    assert not cache_decoded_train(load_config(["preset=demo", "dataset.cache_decoded_mb=0"]), 10)
-    augmented = load_config(["preset=demo", "dataset.augment=randaugment"])
-    assert not cache_decoded_train(augmented, 10)
-    paper = load_config(["preset=demo", "dataset.resize=max_side"])  # 640 x 640 canvases
-    assert cache_decoded_train(paper, 1000) and not cache_decoded_train(paper, 2000)
+    assert cached(["dataset.resize=max_side"], 1000)  # 640 x 640 canvases: 1.2 MB each
+    assert not cached(["dataset.resize=max_side"], 2000)
+    # half of Ray's object store is the other limit: 70 MiB needs a store over 140 MiB
+    assert cached([], 6000, store=141 * 2**20)
+    assert not cached([], 6000, store=139 * 2**20)
 
 
 @pytest.mark.ray

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -136,13 +135,26 @@ def decode_concurrency(cfg: Config) -> int | None:
     return cfg.dataset.decode_concurrency or cfg.optimizer.num_workers or None
 
 
-def cache_decoded_train(cfg: Config, n_train: int) -> bool:
-    """Whether the train split is decoded once and kept (``dataset.cache_decoded_mb``): only
-    without augmentation, and only when ``n_train`` canvases fit in the limit."""
-    if cfg.dataset.augment != "none" or cfg.dataset.cache_decoded_mb <= 0:
-        return False
+def cache_decoded_train(
+    cfg: Config, n_train: int, object_store_bytes: float | None = None
+) -> tuple[bool, str]:
+    """Whether the train split is decoded once and kept (``dataset.cache_decoded_mb``), and why:
+    only without augmentation, only when ``n_train`` canvases fit in the limit, and (given the
+    cluster's ``object_store_bytes``) in half of Ray's object store, so that the cache does not
+    spill to disk or crowd out the blocks that training streams."""
+    if cfg.dataset.augment != "none":
+        return False, f"dataset.augment={cfg.dataset.augment} draws new pixels every epoch"
+    if cfg.dataset.cache_decoded_mb <= 0:
+        return False, "dataset.cache_decoded_mb=0"
     height, width = resize_spec(cfg.dataset).canvas
-    return n_train * height * width * 3 <= cfg.dataset.cache_decoded_mb * 2**20
+    mb = n_train * height * width * 3 / 2**20
+    if mb > cfg.dataset.cache_decoded_mb:
+        return False, f"{mb:.0f} MB > dataset.cache_decoded_mb={cfg.dataset.cache_decoded_mb}"
+    if object_store_bytes is not None and mb * 2**20 > object_store_bytes / 2:
+        return False, (
+            f"{mb:.0f} MB > half of Ray's object store ({object_store_bytes / 2**20:.0f} MB)"
+        )
+    return True, f"~{mb:.0f} MB of dataset.cache_decoded_mb={cfg.dataset.cache_decoded_mb}"
 
 
 def train(cfg: Config, callbacks: list[ray.train.UserCallback] | None = None) -> TrainOutcome:
@@ -206,7 +218,9 @@ def train(cfg: Config, callbacks: list[ray.train.UserCallback] | None = None) ->
         }
 
     concurrency = decode_concurrency(cfg)
-    cache = cache_decoded_train(cfg, n_train)
+    cache, why = cache_decoded_train(
+        cfg, n_train, ray.cluster_resources().get("object_store_memory")
+    )
     t_decode = time.time()
     datasets = {
         "train": shard_dataset(
@@ -225,13 +239,14 @@ def train(cfg: Config, callbacks: list[ray.train.UserCallback] | None = None) ->
     }
     if cache:
         logger.info(
-            "%d train images decoded once in %.1fs and kept in the object store (~%.0f MB of "
-            "dataset.cache_decoded_mb=%d); epochs re-read them",
+            "%d train images decoded once in %.1fs and kept in the object store (%s); epochs "
+            "re-read them",
             n_train,
             time.time() - t_decode,
-            n_train * math.prod(resize_spec(cfg.dataset).canvas) * 3 / 2**20,
-            cfg.dataset.cache_decoded_mb,
+            why,
         )
+    else:
+        logger.info("train images are decoded every epoch (%s)", why)
     data_config = None
     if cfg.exp.deterministic:  # order-preserving execution and splits: exact resume
         options = DataConfig.default_ingest_options()
