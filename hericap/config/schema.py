@@ -110,7 +110,8 @@ class DatasetConfig:
     decode_concurrency: int = 0
     # Without augmentation every epoch decodes the same pixels: when the decoded train split
     # fits in this many MB, it is decoded once into Ray's object store and each epoch reads it
-    # back (demo: 74 MB, ~9 s saved on the first epoch and ~1-2 s on each one after). 0: never.
+    # back, if it also fits in half of the object store (demo: 70 MiB; figures in the README).
+    # 0: never.
     cache_decoded_mb: int = 2048
     local_shuffle_buffer: int = 1000
     # Limits the val/test images used (0: all). Val is scored every epoch.

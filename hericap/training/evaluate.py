@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -100,11 +101,8 @@ def evaluate_checkpoint(
         decode_s,
         cfg.decode.test_beam_size,
     )
-    if scorer is None:
-        with CocoScorer(spice_jars=None) as own:
-            report = build_report(own, references, candidates, scenes, with_oracle=with_oracle)
-    else:
-        report = build_report(scorer, references, candidates, scenes, with_oracle=with_oracle)
+    with CocoScorer(spice_jars=None) if scorer is None else nullcontext(scorer) as active:
+        report = build_report(active, references, candidates, scenes, with_oracle=with_oracle)
     meta_file = checkpoint / META_FILE
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     training = {"phase": meta.get("phase"), "epoch": meta.get("epoch"), "step": meta.get("step")}
