@@ -114,9 +114,10 @@ def bench_pil(blobs: list[bytes], batch: int) -> dict[str, float]:
     rng = np.random.default_rng(0)
     timing = _Timing()
     for start in range(0, len(blobs), batch):
-        for data in blobs[start : start + batch]:
+        chunk = blobs[start : start + batch]
+        for data in chunk:
             transform(data, rng)
-        timing.batch(len(blobs[start : start + batch]))
+        timing.batch(len(chunk))
     return timing.done()
 
 

@@ -128,8 +128,9 @@ def shard_dataset(
     )
     # Ray cuts a task's output into 128 MiB blocks by default: ~100 canvases of 640², so nothing
     # reaches the consumer until a task has decoded that many (~1.8 s of a core per epoch
-    # start). At 32 MiB the first batch of benchmarks/bench_data.py arrives in 1.4-1.5 s instead
-    # of 2.8-3.0 s and 600 images stream ~5% faster; 8 MiB was slower (per-block overhead).
+    # start). At 32 MiB the first batch of benchmarks/bench_data.py arrives in 1.65-1.8 s instead
+    # of 2.9-3.1 s (figures in the README); 8 MiB was slower (per-block overhead). The setting
+    # is this dataset's own context, not the process-wide one.
     ds.context.target_max_block_size = DECODED_BLOCK_BYTES
     if not cache:
         return ds
