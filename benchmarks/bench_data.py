@@ -170,8 +170,8 @@ def bench_ray(
 ) -> tuple[dict[str, float], dict]:
     import ray
 
-    from hericap.data.pipeline import shard_dataset
-    from hericap.training.ray_utils import init_ray
+    from hericap.runtime.cluster import init_ray
+    from hericap.runtime.datasets import shard_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = []

@@ -34,11 +34,11 @@ import requests
 import torch
 from PIL import Image
 
+from hericap.checkpoint import save_checkpoint
 from hericap.config.loader import load_config
 from hericap.data.text import Vocabulary
 from hericap.models.builder import build_captioner
 from hericap.serve.app import DEFAULTS
-from hericap.training.checkpoint import save_checkpoint
 
 
 def _photos() -> list[bytes]:
@@ -142,8 +142,8 @@ def _deploy(ckpt: Path, args: argparse.Namespace) -> dict[str, str]:
     """Both configurations as two applications of one Serve instance: {name: base URL}."""
     from ray import serve
 
+    from hericap.runtime.cluster import init_ray
     from hericap.serve.app import build_app
-    from hericap.training.ray_utils import init_ray
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

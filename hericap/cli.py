@@ -53,8 +53,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             shard_rows=args.shard_rows,
         )
     else:
-        from hericap.data.pipeline import run_on_ray
-        from hericap.training.ray_utils import ray_session
+        from hericap.runtime.cluster import ray_session
+        from hericap.runtime.datasets import run_on_ray
 
         root = Path(args.root or os.environ.get("DATA_ROOT", "data"))
         layout = DEFAULT_LAYOUT[args.dataset]
@@ -90,9 +90,9 @@ def _train_and_test(cfg, skip_test: bool = False, compare_xe: bool = False) -> d
     """Train, then score the best checkpoint on the test split. With ``compare_xe`` and SCST
     epochs, the best XE checkpoint is scored too (under ``report["xe"]``)."""
     from hericap.evaluation.coco_metrics import CocoScorer
+    from hericap.runtime.batch_eval import evaluate_checkpoint
+    from hericap.runtime.cluster import ray_session
     from hericap.training.driver import train
-    from hericap.training.evaluate import evaluate_checkpoint
-    from hericap.training.ray_utils import ray_session
 
     with ray_session(cfg.exp.ray_address, cfg.exp.ray_num_cpus):
         outcome = train(cfg)
@@ -139,8 +139,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from hericap.evaluation.report import format_table
-    from hericap.training.evaluate import evaluate_checkpoint
-    from hericap.training.ray_utils import ray_session
+    from hericap.runtime.batch_eval import evaluate_checkpoint
+    from hericap.runtime.cluster import ray_session
 
     pre = load_config(args.overrides, preset=None, validate=False) if args.overrides else None
     ckpt = pre.exp.checkpoint if pre else None
@@ -255,7 +255,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """Ray Tune + Optuna + ASHA sweep over a space file; exports the best trial."""
-    from hericap.training.ray_utils import ray_session
+    from hericap.runtime.cluster import ray_session
     from hericap.tune.sweep import SweepInterruptedError, load_space, run_sweep
 
     space = load_space(args.space, args.overrides)

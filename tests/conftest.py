@@ -53,7 +53,7 @@ def realdata() -> Path:
 def ray_cluster():
     """One local Ray cluster for the whole session (4 logical CPUs on this 2-core machine)."""
     ray = pytest.importorskip("ray")
-    from hericap.training.ray_utils import init_ray
+    from hericap.runtime.cluster import init_ray
 
     started = init_ray(num_cpus=4)
     yield ray

@@ -200,7 +200,7 @@ def test_coco_and_nocaps_readers(tmp_path):
 
 @pytest.mark.ray
 def test_prepare_runs_its_shards_as_ray_tasks(ray_cluster, tmp_path):
-    from hericap.data.pipeline import run_on_ray
+    from hericap.runtime.datasets import run_on_ray
 
     ann = _flickr_folder(tmp_path / "flickr8K")
     records = read_karpathy(ann, tmp_path / "flickr8K" / "images", "flickr8k")
@@ -259,7 +259,7 @@ def test_prepare_writes_shards_manifest_and_vocab_to_s3(moto_server, tmp_path):
 def test_ray_data_streams_shards_from_s3(moto_server, ray_cluster, tmp_path):
     import boto3
 
-    from hericap.data.pipeline import shard_dataset
+    from hericap.runtime.datasets import shard_dataset
 
     boto3.client("s3", endpoint_url=moto_server).create_bucket(Bucket="stream")
     ann = _flickr_folder(tmp_path / "flickr8K")

@@ -135,7 +135,7 @@ def test_flips_and_colour_changes_are_not_offered():
 
 
 def test_decoder_batch_drops_unreadable_images_and_augments_only_when_asked():
-    from hericap.data.pipeline import decode_batch
+    from hericap.data.decode import decode_batch
 
     good = _jpeg(_photo(120, 80))
     batch = {
@@ -158,10 +158,10 @@ def test_decoder_batch_drops_unreadable_images_and_augments_only_when_asked():
 def test_real_photos_stream_through_ray_data_at_the_paper_rule(realdata, ray_cluster, tmp_path):
     """The 39 real Flickr8k photos (mixed aspect ratios) -> shards -> Ray Data with max-side
     resize and augmentation: every image arrives, each at the size the rule gives."""
-    from hericap.data.pipeline import shard_dataset
     from hericap.data.prepare import prepare_records
     from hericap.data.readers import read_karpathy
     from hericap.data.shards import read_rows
+    from hericap.runtime.datasets import shard_dataset
 
     f8k = realdata / "flickr8k"
     records = read_karpathy(f8k / "dataset_flickr8k.json", f8k / "images", "flickr8k")
@@ -219,7 +219,7 @@ def test_cached_train_images_are_the_streamed_pixels_and_need_no_shards_after(
     repeats (exact resume)."""
     import shutil
 
-    from hericap.data.pipeline import shard_dataset
+    from hericap.runtime.datasets import shard_dataset
 
     files = []
     for src in tiny_shards.files("train"):

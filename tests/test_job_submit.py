@@ -21,7 +21,7 @@ import pytest
 from helpers import free_ports
 from tiny_model import TINY_MODEL
 
-from hericap.training.checkpoint import load_checkpoint
+from hericap.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.ray
 

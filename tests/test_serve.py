@@ -20,10 +20,10 @@ from helpers import free_port, jpeg
 from PIL import Image
 from tiny_model import TINY_MODEL
 
+from hericap.checkpoint import save_checkpoint
 from hericap.config import load_config
 from hericap.data.text import Vocabulary
 from hericap.models.builder import build_captioner
-from hericap.training.checkpoint import save_checkpoint
 
 TINY = [
     "preset=demo",
@@ -229,7 +229,7 @@ def test_caption_cli_prints_captions_and_draws_attention_with_routing(vocab, tmp
     # a bad file is reported and makes the exit status non-zero, the good one still captioned
     assert main(["caption", str(photo), str(broken), "--checkpoint", str(ckpt)]) == 1
 
-    from hericap.training.checkpoint import load_checkpoint
+    from hericap.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(ckpt)
     tokens = torch.tensor([[vocab.bos_idx, 5, 6, 7]])

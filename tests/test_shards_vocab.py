@@ -127,7 +127,7 @@ def test_prepare_cli(tmp_path):
 def test_cached_synthetic_shards_are_reused_only_when_they_match(tmp_path, monkeypatch):
     from hericap.config import load_config
     from hericap.data import synthetic
-    from hericap.training.driver import ensure_shards
+    from hericap.data.catalog import ensure_shards
 
     cfg = load_config(
         [

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from tiny_model import TINY_MODEL
 
+from hericap.checkpoint import load_checkpoint
 from hericap.config import load_config
-from hericap.training.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.ray
 
@@ -55,8 +55,8 @@ def test_two_worker_run_of_the_whole_family_writes_a_checkpoint_that_loads_and_s
     paper's input pipeline at toy sizes (aspect-kept resize onto padded canvases, RandAugment):
     DDP without ``find_unused_parameters`` fails on the second step if any trainable parameter
     is unused. The checkpoint loads, generates and scores."""
+    from hericap.runtime.batch_eval import evaluate_checkpoint
     from hericap.training.driver import train
-    from hericap.training.evaluate import evaluate_checkpoint
 
     cfg = load_config(
         [
@@ -107,9 +107,9 @@ def test_two_worker_run_of_the_whole_family_writes_a_checkpoint_that_loads_and_s
 def test_checkpoint_mismatch_is_an_error(tmp_path, tiny_shards):
     # Build a checkpoint folder by hand, then change the config it claims: loading must fail
     # with the missing/unexpected keys, never load partially.
+    from hericap.checkpoint import save_checkpoint
     from hericap.data.text import Vocabulary
     from hericap.models import build_captioner
-    from hericap.training.checkpoint import save_checkpoint
 
     cfg = load_config(TINY)
     vocab = Vocabulary.load(tiny_shards.vocab_path)

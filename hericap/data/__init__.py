@@ -1,4 +1,2 @@
-"""Datasets, shards, vocabulary and image transforms.
-
-Everything here imports without Ray except :mod:`hericap.data.pipeline`, the Ray Data layer.
-"""
+"""Datasets, shards, vocabulary and image transforms (no Ray: the Ray Data datasets over the
+shards are :mod:`hericap.runtime.datasets`)."""

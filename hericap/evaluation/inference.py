@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from hericap.checkpoint import load_checkpoint
 from hericap.data.text import Vocabulary
 from hericap.data.transforms import crop_batch, normalize_images
 from hericap.models.captioner import Captioner
-from hericap.training.checkpoint import load_checkpoint
 
 __all__ = ["CaptionPredictor", "caption_batch"]
 

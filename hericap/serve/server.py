@@ -10,8 +10,8 @@ from typing import Any
 import yaml
 from ray import serve
 
+from hericap.runtime.cluster import init_ray
 from hericap.serve.app import build_app, serve_config
-from hericap.training.ray_utils import init_ray
 
 __all__ = ["resolve_checkpoint", "start", "stop", "write_serve_config"]
 

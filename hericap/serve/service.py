@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hericap.checkpoint import load_checkpoint
 from hericap.data.transforms import crop_batch, normalize_images, resize_spec, resize_to_canvas
-from hericap.training.checkpoint import load_checkpoint
 
 __all__ = ["CaptionService", "model_id"]
 

@@ -1,5 +1,3 @@
-"""Training: checkpoints and optimisation rules (no Ray) and the Ray Train driver/loop.
-
-:mod:`hericap.training.checkpoint` and :mod:`hericap.training.optim` import without Ray;
-:mod:`hericap.training.loop` and :mod:`hericap.training.driver` run on Ray.
+"""Training on Ray Train: the driver (shards -> Ray Data -> ``TorchTrainer``), the worker recipe,
+and the rules it uses (phases, optimiser, XE and SCST losses, run logs), which import without Ray.
 """

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import ray
 import ray.train
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -22,13 +20,12 @@ from ray.train.torch import TorchTrainer
 
 from hericap.config.loader import NotEnoughResourcesError, to_dict
 from hericap.config.schema import Config
-from hericap.data import synthetic
 from hericap.data.augment import train_augmentation
-from hericap.data.pipeline import shard_dataset
-from hericap.data.prepare import PREPARERS
-from hericap.data.shards import Manifest, read_manifest, read_rows
+from hericap.data.catalog import ensure_shards, first_image_ids
+from hericap.data.shards import read_rows
 from hericap.data.text import Vocabulary
 from hericap.data.transforms import resize_spec
+from hericap.runtime.datasets import shard_dataset
 from hericap.training.loop import train_loop_per_worker
 from hericap.training.phases import configured_phases
 from hericap.training.run_logs import write_run_logs
@@ -37,9 +34,6 @@ from hericap.training.run_storage import KEPT_BEST, RUN_NAME, KeepBest, RunStora
 __all__ = [
     "TrainOutcome",
     "decode_concurrency",
-    "ensure_shards",
-    "first_image_ids",
-    "shard_dir",
     "train",
 ]
 
@@ -57,63 +51,6 @@ class TrainOutcome:
     wall_s: float
     latest_checkpoint: Path  # the last one written (local storage: in Ray's run folder)
     best_xe_checkpoint: Path | None = None  # runs with SCST: the best XE epoch, for comparison
-
-
-def shard_dir(cfg: Config) -> Path:
-    return Path(cfg.dataset.shard_dir or os.path.join(cfg.exp.output_dir, "data", cfg.dataset.name))
-
-
-def ensure_shards(cfg: Config) -> Manifest:
-    """The manifest of the configured dataset; the synthetic one is generated when missing or
-    when its sizes/seed differ from the config."""
-    root = shard_dir(cfg)
-    ds = cfg.dataset
-    if ds.name == "synthetic":
-        want = {"train": ds.synthetic_train, "val": ds.synthetic_val, "test": ds.synthetic_test}
-        want_info = {
-            "seed": ds.synthetic_seed,
-            "image_size": ds.image_size,
-            "vocab_min_count": ds.vocab_min_count,
-            "generator_version": synthetic.GENERATOR_VERSION,
-        }
-        try:
-            m = read_manifest(root)
-            info = {k: m.info.get(k) for k in want_info}
-            if m.counts == {k: v for k, v in want.items() if v} and info == want_info:
-                return m
-            logger.info("synthetic shards in %s differ from the config; regenerating", root)
-        except FileNotFoundError:
-            pass
-        except ValueError as e:  # an older shard format
-            logger.info("%s; regenerating the synthetic shards", e)
-        return PREPARERS["synthetic"](
-            root,
-            num_train=ds.synthetic_train,
-            num_val=ds.synthetic_val,
-            num_test=ds.synthetic_test,
-            seed=ds.synthetic_seed,
-            image_size=ds.image_size,
-            min_count=ds.vocab_min_count,
-            shard_rows=ds.shard_rows,
-        )
-    try:
-        return read_manifest(root)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(
-            f"no prepared shards for dataset '{ds.name}' in {root}: run "
-            f"`hericap prepare {ds.name} --out {root}` first (known preparers: "
-            f"{sorted(PREPARERS)}), or set dataset.shard_dir"
-        ) from e
-
-
-def first_image_ids(files: list[Path], limit: int) -> list[str]:
-    """The first ``limit`` image ids of some shards, in file order (deterministic)."""
-    ids: list[str] = []
-    for f in files:
-        ids.extend(pq.read_table(f, columns=["image_id"]).column("image_id").to_pylist())
-        if len(ids) >= limit:
-            break
-    return ids[:limit]
 
 
 def _check_gpus(cfg: Config) -> bool:

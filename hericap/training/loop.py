@@ -31,6 +31,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hericap.checkpoint import (
+    META_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    save_checkpoint,
+)
 from hericap.config.loader import from_dict
 from hericap.data.text import Vocabulary
 from hericap.data.transforms import (
@@ -46,12 +52,6 @@ from hericap.evaluation.inference import caption_batch
 from hericap.log import setup_logging
 from hericap.models.builder import build_captioner, format_parameter_summary
 from hericap.models.weights import load_state_dict_strict
-from hericap.training.checkpoint import (
-    META_FILE,
-    MODEL_FILE,
-    STATE_FILE,
-    save_checkpoint,
-)
 from hericap.training.optim import build_optimizer, constant_lr, warmup_cosine
 from hericap.training.phases import Phase, configured_phases, phase_at
 from hericap.training.scst import CiderReward, make_scst_decoder, scst_step

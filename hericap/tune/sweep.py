@@ -40,7 +40,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from hericap.config.loader import ConfigError, load_config
 from hericap.config.schema import Config
-from hericap.training.driver import VAL_METRIC, ensure_shards, shard_dir, train
+from hericap.data.catalog import ensure_shards, shard_dir
+from hericap.training.driver import VAL_METRIC, train
 from hericap.training.phases import configured_phases
 
 __all__ = ["SweepInterruptedError", "SweepSpace", "export_best", "load_space", "run_sweep"]

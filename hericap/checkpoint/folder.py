@@ -25,7 +25,7 @@ from hericap.data.text import Vocabulary
 from hericap.data.transforms import resize_spec
 from hericap.models.weights import load_state_dict_strict
 
-__all__ = ["LoadedCheckpoint", "load_checkpoint", "load_state_dict_strict", "save_checkpoint"]
+__all__ = ["LoadedCheckpoint", "load_checkpoint", "save_checkpoint"]
 
 logger = logging.getLogger(__name__)
 

@@ -15,16 +15,16 @@ from typing import Any
 
 import ray.data
 
+from hericap.checkpoint import META_FILE
 from hericap.config.schema import Config
-from hericap.data.pipeline import shard_dataset
+from hericap.data.catalog import ensure_shards, first_image_ids
 from hericap.data.shards import read_rows
 from hericap.data.synthetic import Scene
 from hericap.data.transforms import resize_spec
 from hericap.evaluation.coco_metrics import CocoScorer
 from hericap.evaluation.inference import CaptionPredictor
 from hericap.evaluation.report import build_report
-from hericap.training.checkpoint import META_FILE
-from hericap.training.driver import ensure_shards, first_image_ids
+from hericap.runtime.datasets import shard_dataset
 
 __all__ = ["evaluate_checkpoint"]
 

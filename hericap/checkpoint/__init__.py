@@ -1,0 +1,27 @@
+"""HeriCap checkpoint folders: written by training and the importers, read by everything else.
+
+One folder (or object prefix) holds the weights, the config, the vocabulary and the metadata, so
+loading a checkpoint needs nothing outside it (:mod:`hericap.checkpoint.folder`).
+"""
+
+from hericap.checkpoint.folder import (
+    CONFIG_FILE,
+    META_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    VOCAB_FILE,
+    LoadedCheckpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+__all__ = [
+    "CONFIG_FILE",
+    "META_FILE",
+    "MODEL_FILE",
+    "STATE_FILE",
+    "VOCAB_FILE",
+    "LoadedCheckpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+]
