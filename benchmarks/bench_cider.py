@@ -20,6 +20,7 @@ import gc
 import json
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -27,34 +28,41 @@ import numpy as np
 
 from hericap.data.ptb import ptb_tokenize
 from hericap.evaluation.cider import CiderD
-from hericap.evaluation.coco_metrics import toolkit_cider_corpus_df, toolkit_document_frequency
+
+# the toolkit's own CIDEr, as the tests use it (test code, not library code)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from toolkit_oracle import toolkit_cider_corpus_df, toolkit_document_frequency
 
 
-def load_corpus() -> tuple[str, dict[str, list[str]]]:
+def load_corpus(limit: int = 0) -> tuple[str, dict[str, list[str]]]:
+    """Tokenised references per image: Flickr8k's train split, else synthetic (first ``limit``
+    images when given)."""
     root = os.environ.get("HERICAP_REALDATA")
     path = Path(root or "") / "flickr8k/dataset_flickr8k.json"
     if root and path.is_file():
         data = json.loads(path.read_text())
+        train = [im for im in data["images"] if im["split"] == "train"]
         return "flickr8k-train", {
             str(im["imgid"]): [ptb_tokenize(s["raw"]) for s in im["sentences"]]
-            for im in data["images"]
-            if im["split"] == "train"
+            for im in train[: limit or None]
         }
     from hericap.data.synthetic import iter_split
 
     return "synthetic-train", {
-        s.image_id: [ptb_tokenize(c) for c in s.captions] for s in iter_split(0, "train", 2000)
+        s.image_id: [ptb_tokenize(c) for c in s.captions]
+        for s in iter_split(0, "train", limit or 2000)
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=50)
     ap.add_argument("--per-image", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=20, help="rounds")
     ap.add_argument("--block", type=int, default=5, help="runs of each of ours per round")
-    args = ap.parse_args()
-    source, corpus = load_corpus()
+    ap.add_argument("--corpus-images", type=int, default=0, help="first N images only (0: all)")
+    args = ap.parse_args(argv)
+    source, corpus = load_corpus(args.corpus_images)
     rng = random.Random(0)
     keys = sorted(corpus)
     ids = [k for k in rng.sample(keys, args.images) for _ in range(args.per_image)]
@@ -117,6 +125,7 @@ def main() -> None:
         "max_abs_diff_token_ids": float(np.max(np.abs(outputs["hericap_token_ids"] - theirs))),
     }
     print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

@@ -223,7 +223,7 @@ def bench_ray(
     return rates, where
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=600)
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 1)
@@ -231,7 +231,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=64)
     ap.add_argument("--files", type=int, default=0, help="Parquet files (0: 2 per core)")
     ap.add_argument("--images-dir", default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(1)
     blobs, source = _load_images(args)
     bench_pil(blobs[: args.warmup], args.batch)  # warm-up pass
@@ -240,29 +240,27 @@ def main() -> None:
     ray_rates, where = bench_ray(blobs, args.cores, args.batch, args.files or 2 * args.cores)
     ray_rate = ray_rates["images_per_s"]
     best = max(pil["images_per_s"], loader["images_per_s"])
-    print(
-        json.dumps(
-            {
-                "bench": "data",
-                "images": len(blobs),
-                "source": source,
-                "cores": args.cores,
-                "transform": "decode + RandAugment(2, 5) + max-side 384x640 on a 640x640 canvas",
-                "ray_data_images_per_s": round(ray_rate, 1),
-                "pil_loop_images_per_s": round(pil["images_per_s"], 1),
-                "dataloader_images_per_s": round(loader["images_per_s"], 1),
-                "ray_vs_pil": round(ray_rate / pil["images_per_s"], 3),
-                "ray_vs_dataloader": round(ray_rate / loader["images_per_s"], 3),
-                "ray_vs_best_other": round(ray_rate / best, 3),
-                "first_batch_s": {
-                    "ray_data": round(ray_rates["first_batch_s"], 2),
-                    "pil_loop": round(pil["first_batch_s"], 2),
-                    "dataloader": round(loader["first_batch_s"], 2),
-                },
-                "ray_time": where,
-            }
-        )
-    )
+    result = {
+        "bench": "data",
+        "images": len(blobs),
+        "source": source,
+        "cores": args.cores,
+        "transform": "decode + RandAugment(2, 5) + max-side 384x640 on a 640x640 canvas",
+        "ray_data_images_per_s": round(ray_rate, 1),
+        "pil_loop_images_per_s": round(pil["images_per_s"], 1),
+        "dataloader_images_per_s": round(loader["images_per_s"], 1),
+        "ray_vs_pil": round(ray_rate / pil["images_per_s"], 3),
+        "ray_vs_dataloader": round(ray_rate / loader["images_per_s"], 3),
+        "ray_vs_best_other": round(ray_rate / best, 3),
+        "first_batch_s": {
+            "ray_data": round(ray_rates["first_batch_s"], 2),
+            "pil_loop": round(pil["first_batch_s"], 2),
+            "dataloader": round(loader["first_batch_s"], 2),
+        },
+        "ray_time": where,
+    }
+    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

@@ -35,8 +35,10 @@ class FixedLength:
     def reorder_cache(self, cache, index):
         self.decoder.reorder_cache(cache, index)
 
-    def step(self, tokens, memories, cache, position, need_weights=False):
-        logp, w = self.decoder.step(tokens, memories, cache, position)
+    def step(self, tokens, memories, cache, position, need_weights=False, captions_per_memory=1):
+        logp, w = self.decoder.step(
+            tokens, memories, cache, position, captions_per_memory=captions_per_memory
+        )
         if position < self.words:
             logp = logp.clone()
             logp[:, self.eos_idx] = float("-inf")
@@ -55,14 +57,14 @@ class Recompute:
     def reorder_cache(self, cache, index):
         cache["prefix"] = cache["prefix"].index_select(0, index)
 
-    def step(self, tokens, memories, cache, position, need_weights=False):
+    def step(self, tokens, memories, cache, position, need_weights=False, captions_per_memory=1):
         prefix = (
             tokens[:, None]
             if cache["prefix"] is None
             else torch.cat([cache["prefix"], tokens[:, None]], dim=1)
         )
         cache["prefix"] = prefix
-        log_probs, _ = self.decoder(prefix, memories)
+        log_probs, _ = self.decoder(prefix, memories, captions_per_memory=captions_per_memory)
         return log_probs[:, -1], []
 
 
@@ -72,7 +74,7 @@ def _run(decoder, memories, args, ids) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - t0, out.tokens
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=20)
     ap.add_argument("--beam", type=int, default=5)
@@ -80,7 +82,7 @@ def main() -> None:
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--vocab-size", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = load_config([], preset=args.preset)
@@ -108,6 +110,7 @@ def main() -> None:
         "caption_tokens": int(cached_tokens.shape[-1]),
     }
     print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

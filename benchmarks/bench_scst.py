@@ -21,25 +21,32 @@ import torch
 from hericap.config.loader import load_config
 from hericap.data.synthetic import iter_split
 from hericap.data.text import Vocabulary
-from hericap.data.transforms import decode_image, normalize_images
+from hericap.data.transforms import (
+    ResizeSpec,
+    load_image,
+    normalize_images,
+    resize_to_canvas,
+)
 from hericap.models.builder import build_captioner
 from hericap.training.scst import SCST_BASELINES, CiderReward, make_scst_decoder, scst_step
 from hericap.training.xe import pick_captions, xe_loss
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup-xe-steps", type=int, default=60)
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+    ap.add_argument("--images", type=int, default=1000, help="synthetic train images to draw from")
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = load_config([], preset="demo")
-    samples = list(iter_split(0, "train", 1000))
+    samples = list(iter_split(0, "train", args.images))
     vocab = Vocabulary.build([c for s in samples for c in s.captions], min_count=5)
-    images = np.stack([decode_image(s.jpeg, cfg.dataset.image_size) for s in samples])
+    spec = ResizeSpec(size=cfg.dataset.image_size)
+    images = np.stack([resize_to_canvas(load_image(s.jpeg), spec)[0] for s in samples])
     captions = [s.captions for s in samples]
     ids = np.asarray([s.image_id for s in samples])
     reward = CiderReward(dict(zip(ids.tolist(), captions, strict=True)), vocab)
@@ -93,6 +100,7 @@ def main() -> None:
         result[f"scst_{baseline}_step_s"] = step_s
         result[f"scst_{baseline}_over_xe"] = step_s / result["xe_step_s"]
     print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

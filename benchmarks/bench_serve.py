@@ -169,7 +169,7 @@ def _deploy(ckpt: Path, args: argparse.Namespace) -> dict[str, str]:
     return urls
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=400, help="per configuration, all rounds")
     p.add_argument("--rounds", type=int, default=4)
@@ -178,7 +178,7 @@ def main() -> None:
     p.add_argument("--batch-wait-ms", type=float, default=1000 * DEFAULTS["batch_wait_timeout_s"])
     p.add_argument("--beam-size", type=int, default=3)
     p.add_argument("--replica-cpus", type=float, default=1.0)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     from ray import serve
 
     photos = _photos()
@@ -207,23 +207,21 @@ def main() -> None:
         model_only = _model_only(ckpt, photos, args.beam_size, args.max_batch_size)
         print("model only", model_only, flush=True)
     b, u = (_figures(walls[name], results[name]) for name in names)
-    print(
-        json.dumps(
-            {
-                "concurrency": args.concurrency,
-                "requests": len(results["batched"]),
-                "rounds": args.rounds,
-                "max_batch_size": args.max_batch_size,
-                "batch_wait_ms": args.batch_wait_ms,
-                "batched": b,
-                "unbatched": u,
-                "throughput_ratio": round(b["requests_per_s"] / u["requests_per_s"], 2),
-                "round_ratios": ratios,
-                "p99_ratio": round(b["p99_ms"] / u["p99_ms"], 2),
-                "model_only": model_only,
-            }
-        )
-    )
+    result = {
+        "concurrency": args.concurrency,
+        "requests": len(results["batched"]),
+        "rounds": args.rounds,
+        "max_batch_size": args.max_batch_size,
+        "batch_wait_ms": args.batch_wait_ms,
+        "batched": b,
+        "unbatched": u,
+        "throughput_ratio": round(b["requests_per_s"] / u["requests_per_s"], 2),
+        "round_ratios": ratios,
+        "p99_ratio": round(b["p99_ms"] / u["p99_ms"], 2),
+        "model_only": model_only,
+    }
+    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ def setup_logging(level: int = logging.INFO) -> None:
         datefmt="%H:%M:%S",
         force=True,
     )
-    logging.getLogger("hericap").setLevel(level)
+    for name in ("hericap", "__main__"):  # `python -m hericap.cli` logs as __main__
+        logging.getLogger(name).setLevel(level)
     for noisy in ("ray.data", "ray.train"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

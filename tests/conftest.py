@@ -37,16 +37,44 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Manifest:
     )
 
 
+# Files every real-data test may rely on: when HERICAP_REALDATA is set, they must be there.
+REALDATA_FILES = (
+    "flickr8k/dataset_flickr8k.json",
+    "coco/captions_val2017.json",
+    "coco-caption/captions_val2014_fakecap_subset_gt.json",
+    "research_checkpoints/README.md",
+)
+
+
 @pytest.fixture(scope="session")
 def realdata() -> Path:
-    """``$HERICAP_REALDATA`` (set by .ci/run); tests using it skip with a reason when unset."""
+    """``$HERICAP_REALDATA`` (set by .ci/run). Unset: tests using it skip with a reason. Set but
+    missing files: they fail, so a broken CI set-up never passes as skipped tests."""
     root = os.environ.get("HERICAP_REALDATA")
     if not root:
         pytest.skip("HERICAP_REALDATA is not set (CI sets it to ../shared/realdata)")
     path = Path(root)
-    if not path.is_dir():
-        pytest.skip(f"HERICAP_REALDATA={root} is not a folder")
+    missing = [f for f in REALDATA_FILES if not (path / f).is_file()]
+    if missing:
+        pytest.fail(f"HERICAP_REALDATA={root} is set but lacks {missing}")
     return path
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``java`` tests skip (with the reason) where no Java runs; ``gpu`` tests where no CUDA
+    device is present."""
+    import shutil
+
+    import torch
+
+    no_java = pytest.mark.skip(reason="needs Java for the coco-caption toolkit (none on PATH)")
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU (none present)")
+    has_java, has_gpu = shutil.which("java") is not None, torch.cuda.is_available()
+    for item in items:
+        if item.get_closest_marker("java") and not has_java:
+            item.add_marker(no_java)
+        if item.get_closest_marker("gpu") and not has_gpu:
+            item.add_marker(no_gpu)
 
 
 @pytest.fixture(scope="session")

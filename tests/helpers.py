@@ -1,4 +1,5 @@
-"""Small helpers shared by the tests: free local ports and JPEG bytes of an array."""
+"""Small helpers shared by the tests: free local ports, JPEG bytes of an array, and decoding
+encoded bytes to one canvas."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import socket
 
 import numpy as np
 from PIL import Image
+
+from hericap.data.transforms import ResizeSpec, load_image, resize_to_canvas
 
 
 def free_ports(n: int) -> list[int]:
@@ -30,3 +33,13 @@ def jpeg(array: np.ndarray, **save) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="JPEG", **save)
     return buf.getvalue()
+
+
+def decode_image(data: bytes, spec: ResizeSpec | int) -> np.ndarray:
+    """Decode encoded image bytes to an upright RGB ``uint8`` canvas (an int: a square side).
+
+    Raises:
+        ValueError: the bytes are not a readable image.
+    """
+    spec = ResizeSpec(size=spec) if isinstance(spec, int) else spec
+    return resize_to_canvas(load_image(data), spec)[0]

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 
 import numpy as np
 import pytest
 import torch
+from toolkit_oracle import toolkit_cider_corpus_df, toolkit_document_frequency
 
 from hericap.data.ptb import ptb_tokenize
 from hericap.data.text import Vocabulary
 from hericap.evaluation.cider import CiderD, cider_d_scores
-from hericap.evaluation.coco_metrics import toolkit_cider_corpus_df, toolkit_document_frequency
 from hericap.training.scst import CiderReward, advantages, scst_loss
 
 REFS = {
@@ -101,7 +100,7 @@ def test_python_ptb_tokeniser_on_hand_made_cases():
 
 
 @pytest.mark.realdata
-@pytest.mark.skipif(shutil.which("java") is None, reason="the Java PTB tokeniser needs Java")
+@pytest.mark.java
 def test_python_ptb_tokeniser_matches_java_on_real_captions(realdata):
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import decode_image
 from PIL import Image
 
 from hericap.data.prepare import prepare_records
 from hericap.data.readers import read_coco_captions, read_karpathy, read_nocaps
 from hericap.data.shards import read_manifest, read_rows
 from hericap.data.text import Vocabulary
-from hericap.data.transforms import decode_image
 
 
 def _jpeg(colour=(200, 30, 30), size=(40, 30), mode="RGB", fmt="JPEG", exif=None) -> bytes:

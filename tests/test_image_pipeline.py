@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import decode_image
 from PIL import Image
 
 from hericap.config import load_config
@@ -16,7 +17,6 @@ from hericap.data.transforms import (
     MEAN_RGB,
     ResizeSpec,
     crop_batch,
-    decode_image,
     load_image,
     normalize_images,
     resize_spec,

@@ -23,7 +23,7 @@ from tiny_model import TINY_MODEL
 
 from hericap.checkpoint import load_checkpoint
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hericap.models.weights import load_state_dict_strict
 from hericap.config import load_config
 from hericap.models import FUSION_REGISTRY, build_captioner, canonical_fusion_name
 from hericap.models.decoding import beam_search, greedy_decode
+from hericap.models.weights import load_state_dict_strict
 
 VOCAB = 40
 
@@ -148,18 +148,29 @@ def test_incremental_decoding_equals_full_recomputation():
     assert torch.allclose(torch.stack(steps, 1), full, atol=1e-5)
 
 
-def test_beam_one_equals_greedy_and_outputs_are_consistent():
+def test_beam_search_of_width_one_is_greedy_decoding():
+    """Beam search with one beam keeps the arg-max word at every step: the same words, lengths
+    and log-probs as greedy decoding (two different code paths)."""
     model = _model(seed=1).eval()
-    images = torch.randn(4, 3, 64, 64)
-    greedy = model.generate(images, beam_size=1, max_len=8)
-    beam1 = model.generate(images, beam_size=1, max_len=8)
-    mem = model.encode(images)
+    mem = model.encode(torch.randn(4, 3, 64, 64))
     beam = beam_search(model.decoder, mem, beam_size=1, max_len=8, bos_idx=2, eos_idx=3, pad_idx=1)
     g = greedy_decode(model.decoder, mem, max_len=8, bos_idx=2, eos_idx=3, pad_idx=1)
-    assert torch.equal(greedy.tokens, beam1.tokens)
-    t = min(beam.tokens.shape[-1], g.tokens.shape[-1])
-    assert torch.equal(beam.tokens[..., :t], g.tokens[..., :t])
+    assert torch.equal(beam.lengths, g.lengths)
+    for b_row, g_row, n in zip(beam.tokens[:, 0], g.tokens[:, 0], g.lengths[:, 0], strict=True):
+        assert b_row[:n].tolist() == g_row[:n].tolist()
     assert torch.allclose(beam.log_probs, g.log_probs, atol=1e-5)
+    # generate() with beam_size=1 is the greedy path
+    assert torch.equal(
+        model.generate(torch.zeros(1, 3, 64, 64), beam_size=1, max_len=8).tokens,
+        greedy_decode(
+            model.decoder,
+            model.encode(torch.zeros(1, 3, 64, 64)),
+            max_len=8,
+            bos_idx=2,
+            eos_idx=3,
+            pad_idx=1,
+        ).tokens,
+    )
 
 
 def test_beam_search_n_best_sorted_and_finished_beams_stay_finished():

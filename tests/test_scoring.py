@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
 from hericap.evaluation.coco_metrics import CocoScorer, cider_d, find_spice
 from hericap.evaluation.report import build_report, format_table
 
-pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="the toolkit needs Java")
+pytestmark = pytest.mark.java
 
 REFS = {
     "1": [

@@ -9,12 +9,13 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from helpers import decode_image
 
 from hericap.data.prepare import prepare_synthetic
 from hericap.data.shards import SHARD_SCHEMA, read_manifest, read_rows
 from hericap.data.synthetic import Scene, generate_sample
 from hericap.data.text import SPECIAL_TOKENS, Vocabulary, tokenize
-from hericap.data.transforms import decode_image, normalize_images
+from hericap.data.transforms import normalize_images
 
 
 def test_manifest_counts_and_checksums(tiny_shards):

@@ -20,7 +20,7 @@ from skimage import data
 
 from hericap.config.loader import ConfigError
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,6 @@ __all__ = [
     "MEAN_RGB",
     "ResizeSpec",
     "crop_batch",
-    "decode_image",
     "load_image",
     "normalize_images",
     "resize_spec",
@@ -168,16 +167,6 @@ def resize_to_canvas(im: Image.Image, spec: ResizeSpec) -> tuple[np.ndarray, tup
     out[:] = MEAN_RGB
     out[: arr.shape[0], : arr.shape[1]] = arr
     return out, arr.shape[:2]
-
-
-def decode_image(data: bytes, spec: ResizeSpec | int) -> np.ndarray:
-    """Decode encoded image bytes to an upright RGB ``uint8`` canvas (an int: a square side).
-
-    Raises:
-        ValueError: the bytes are not a readable image.
-    """
-    spec = ResizeSpec(size=spec) if isinstance(spec, int) else spec
-    return resize_to_canvas(load_image(data), spec)[0]
 
 
 def crop_batch(

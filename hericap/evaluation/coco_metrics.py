@@ -28,13 +28,13 @@ __all__ = [
     "SpiceError",
     "SpiceStatus",
     "find_spice",
-    "toolkit_cider_corpus_df",
-    "toolkit_document_frequency",
 ]
 
 logger = logging.getLogger(__name__)
 
 METRIC_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+# The end of SPICE's Java output kept with its error (enough for the exception and trace).
+SPICE_ERROR_TAIL_CHARS = 4000
 CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 SPICE_ENV = "HERICAP_SPICE_JARS"
 # Java >= 9 closes these packages; SPICE's LMDB cache and CoreNLP reach into them.
@@ -138,7 +138,7 @@ def _run_spice(
         proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             reason = f"SPICE failed (exit {proc.returncode}): {_java_error(proc.stderr)}"
-            raise SpiceError(reason, proc.stderr[-4000:])
+            raise SpiceError(reason, proc.stderr[-SPICE_ERROR_TAIL_CHARS:])
         results = json.loads((work / "out.json").read_text())
         # As the toolkit: undefined per-image F-scores count as NaN in the mean.
         scores = [r["scores"]["All"]["f"] for r in results]
@@ -240,42 +240,3 @@ def cider_d(references: Mapping[str, Sequence[str]], candidates: Mapping[str, st
     gts = {k: [ptb_tokenize(c) for c in v] for k, v in references.items()}
     res = {k: ptb_tokenize(v) for k, v in candidates.items()}
     return cider_d_scores(gts, res)[0]
-
-
-class _CorpusSized(list):
-    """A list whose ``len()`` is the corpus size: the toolkit's ``compute_cider`` sets
-    ``ref_len = log(len(self.crefs))`` and only iterates the list otherwise."""
-
-    def __init__(self, items, size: int) -> None:
-        super().__init__(items)
-        self.corpus_size = size
-
-    def __len__(self) -> int:
-        return self.corpus_size
-
-
-def toolkit_document_frequency(corpus: Mapping[str, Sequence[str]]):
-    """The toolkit's CIDEr document-frequency table over ``{image_id: [tokenised refs]}``."""
-    from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs
-
-    source = CiderScorer(n=4, sigma=6.0)
-    for refs in corpus.values():
-        source.crefs.append(cook_refs(refs))
-    source.compute_doc_freq()
-    return source.document_frequency
-
-
-def toolkit_cider_corpus_df(
-    document_frequency, corpus_size: int, pairs: Sequence[tuple[str, Sequence[str]]]
-) -> np.ndarray:
-    """The toolkit's own ``CiderScorer`` with document frequencies from a fixed corpus (the
-    SCST reward setting of M2 / GRIT): per-pair scores of ``(candidate, references)``, with
-    ``ref_len = log(corpus_size)``. The reference the fast reward is checked against."""
-    from pycocoevalcap.cider.cider_scorer import CiderScorer
-
-    scorer = CiderScorer(n=4, sigma=6.0)
-    for candidate, refs in pairs:
-        scorer += (candidate, list(refs))
-    scorer.document_frequency = document_frequency
-    scorer.crefs = _CorpusSized(scorer.crefs, corpus_size)
-    return np.asarray(scorer.compute_cider())

@@ -10,6 +10,7 @@ import json
 import logging
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,80 @@ from hericap.runtime.datasets import shard_dataset
 __all__ = ["evaluate_checkpoint"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SplitReferences:
+    """The images of a split to evaluate: shard files, the ids kept (None: all), references and
+    (synthetic data) the true scenes."""
+
+    files: list
+    keep: frozenset[str] | None
+    references: dict[str, list[str]]
+    scenes: dict[str, Scene] | None
+
+
+def split_references(cfg: Config, split: str) -> SplitReferences:
+    """The references of ``split`` (``dataset.max_test_images`` / ``max_val_images`` apply)."""
+    files = ensure_shards(cfg).files(split)
+    limit = cfg.dataset.max_test_images if split == "test" else cfg.dataset.max_val_images
+    keep = frozenset(first_image_ids(files, limit)) if limit else None
+    rows = [
+        r
+        for r in read_rows(files, columns=["image_id", "captions", "scene"])
+        if keep is None or r["image_id"] in keep
+    ]
+    scenes = (
+        {r["image_id"]: Scene.from_dict(json.loads(r["scene"])) for r in rows}
+        if all(r["scene"] for r in rows)
+        else None
+    )
+    return SplitReferences(files, keep, {r["image_id"]: list(r["captions"]) for r in rows}, scenes)
+
+
+def decode_split(cfg: Config, checkpoint: Path, split: SplitReferences) -> dict[str, str]:
+    """Caption every image of ``split`` with Ray Data batch inference: a pool of
+    ``exp.world_size`` actors, each loading the checkpoint once."""
+    ds = shard_dataset(
+        split.files,
+        resize_spec(cfg.dataset),
+        columns=["image_id", "image"],
+        decode_batch_size=cfg.dataset.decode_batch_size,
+        keep_ids=split.keep,
+    )
+    preds = ds.map_batches(
+        CaptionPredictor,
+        fn_constructor_kwargs={
+            "checkpoint": str(checkpoint),
+            "beam_size": cfg.decode.test_beam_size,
+            "max_len": cfg.decode.max_len,
+            "length_penalty": cfg.decode.length_penalty,
+            "torch_threads": max(1, int(cfg.exp.cpus_per_worker)),
+        },
+        batch_size=cfg.decode.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=max(1, cfg.exp.world_size)),
+        num_cpus=cfg.exp.cpus_per_worker,
+    ).take_all()
+    candidates = {str(p["image_id"]): str(p["caption"]) for p in preds}
+    if set(candidates) != set(split.references):
+        raise RuntimeError(f"decoded {len(candidates)} of {len(split.references)} images")
+    return candidates
+
+
+def training_info(checkpoint: Path) -> dict[str, Any]:
+    """Where in training a checkpoint comes from (phase, epoch, step) and, after SCST, how its
+    reward was computed: recorded with every score."""
+    meta_file = checkpoint / META_FILE
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    training = {"phase": meta.get("phase"), "epoch": meta.get("epoch"), "step": meta.get("step")}
+    if meta.get("phase") == "sc":
+        training["reward"] = {
+            "metric": "CIDEr-D",
+            "baseline": meta.get("sc_baseline"),
+            "include_eos": meta.get("sc_include_eos"),
+        }
+    return training
 
 
 def evaluate_checkpoint(
@@ -52,47 +127,8 @@ def evaluate_checkpoint(
     """
     t0 = time.time()
     checkpoint = Path(checkpoint).resolve()
-    manifest = ensure_shards(cfg)
-    files = manifest.files(split)
-    limit = cfg.dataset.max_test_images if split == "test" else cfg.dataset.max_val_images
-    keep = frozenset(first_image_ids(files, limit)) if limit else None
-    rows = [
-        r
-        for r in read_rows(files, columns=["image_id", "captions", "scene"])
-        if keep is None or r["image_id"] in keep
-    ]
-    references = {r["image_id"]: list(r["captions"]) for r in rows}
-    scenes = (
-        {r["image_id"]: Scene.from_dict(json.loads(r["scene"])) for r in rows}
-        if all(r["scene"] for r in rows)
-        else None
-    )
-
-    workers = max(1, cfg.exp.world_size)
-    ds = shard_dataset(
-        files,
-        resize_spec(cfg.dataset),
-        columns=["image_id", "image"],
-        decode_batch_size=cfg.dataset.decode_batch_size,
-        keep_ids=keep,
-    )
-    preds = ds.map_batches(
-        CaptionPredictor,
-        fn_constructor_kwargs={
-            "checkpoint": str(checkpoint),
-            "beam_size": cfg.decode.test_beam_size,
-            "max_len": cfg.decode.max_len,
-            "length_penalty": cfg.decode.length_penalty,
-            "torch_threads": max(1, int(cfg.exp.cpus_per_worker)),
-        },
-        batch_size=cfg.decode.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=workers),
-        num_cpus=cfg.exp.cpus_per_worker,
-    ).take_all()
-    candidates = {str(p["image_id"]): str(p["caption"]) for p in preds}
-    if set(candidates) != set(references):
-        raise RuntimeError(f"decoded {len(candidates)} of {len(references)} {split} images")
+    images = split_references(cfg, split)
+    candidates = decode_split(cfg, checkpoint, images)
     decode_s = time.time() - t0
     logger.info(
         "decoded %d %s images in %.0fs (beam %d)",
@@ -102,21 +138,14 @@ def evaluate_checkpoint(
         cfg.decode.test_beam_size,
     )
     with CocoScorer(spice_jars=None) if scorer is None else nullcontext(scorer) as active:
-        report = build_report(active, references, candidates, scenes, with_oracle=with_oracle)
-    meta_file = checkpoint / META_FILE
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    training = {"phase": meta.get("phase"), "epoch": meta.get("epoch"), "step": meta.get("step")}
-    if meta.get("phase") == "sc":  # how the SCST reward was computed travels with the scores
-        training["reward"] = {
-            "metric": "CIDEr-D",
-            "baseline": meta.get("sc_baseline"),
-            "include_eos": meta.get("sc_include_eos"),
-        }
+        report = build_report(
+            active, images.references, candidates, images.scenes, with_oracle=with_oracle
+        )
     report.update(
         {
             "split": split,
             "checkpoint": str(checkpoint),
-            "training": training,
+            "training": training_info(checkpoint),
             "decode": {
                 "beam_size": cfg.decode.test_beam_size,
                 "max_len": cfg.decode.max_len,

@@ -38,7 +38,7 @@ from hericap.serve.service import CaptionService
 
 __all__ = ["DEFAULTS", "build_app", "serve_config"]
 
-logger = logging.getLogger("hericap.serve")
+logger = logging.getLogger(__name__)
 
 # build_app's arguments and their defaults (also the keys of a Serve config's `args`)
 DEFAULTS: dict[str, Any] = {

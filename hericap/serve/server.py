@@ -15,7 +15,7 @@ from hericap.serve.app import build_app, serve_config
 
 __all__ = ["resolve_checkpoint", "start", "stop", "write_serve_config"]
 
-logger = logging.getLogger("hericap.serve")
+logger = logging.getLogger(__name__)
 
 
 def resolve_checkpoint(checkpoint: str | None, best: str | None) -> str:

@@ -1,0 +1,79 @@
+"""Every benchmark runs at toy size and ends with its JSON line: a benchmark nobody runs rots.
+
+Each ``benchmarks/bench_*.py`` has a ``main(argv)`` that prints its figures as one JSON object on
+its last line and returns them; here each runs in-process with tiny arguments (the Ray ones on the
+session's shared cluster) and its keys are checked. No timing is asserted: speed is measured by
+running the benchmarks at full size, not by tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(name: str, argv: list[str], capsys: pytest.CaptureFixture) -> dict:
+    """Run ``benchmarks/<name>.py``'s ``main(argv)``; its last printed line must be its result
+    as JSON."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(argv)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last) == json.loads(json.dumps(result))
+    return result
+
+
+def test_every_benchmark_has_a_smoke_test():
+    tested = {
+        name.removeprefix("test_bench_").split("_runs")[0]
+        for name in globals()
+        if name.startswith("test_bench_")
+    }
+    scripts = {p.stem.removeprefix("bench_") for p in BENCHMARKS.glob("bench_*.py")}
+    assert scripts <= tested, f"benchmarks without a smoke test: {sorted(scripts - tested)}"
+
+
+def test_bench_decode_runs_and_both_paths_agree(capsys):
+    out = _run("bench_decode", ["--images", "2", "--beam", "2", "--words", "4"], capsys)
+    assert out["same_captions"] is True
+    assert out["cached_captions_per_s"] > 0 and out["recompute_captions_per_s"] > 0
+    assert {"speedup", "caption_tokens", "preset"} <= set(out)
+
+
+def test_bench_cider_runs_and_matches_the_toolkit(capsys):
+    argv = ["--images", "4", "--per-image", "2", "--repeats", "1", "--block", "1"]
+    out = _run("bench_cider", [*argv, "--corpus-images", "150"], capsys)
+    assert out["max_abs_diff"] < 1e-9
+    assert {"speedup", "speedup_cold", "speedup_token_ids", "corpus_images"} <= set(out)
+
+
+def test_bench_scst_runs_every_baseline(capsys):
+    argv = ["--batch-size", "4", "--steps", "1", "--warmup-xe-steps", "1", "--threads", "1"]
+    out = _run("bench_scst", [*argv, "--images", "40"], capsys)
+    assert out["xe_step_s"] > 0
+    for baseline in ("beam_mean", "leave_one_out", "greedy"):
+        assert out[f"scst_{baseline}_over_xe"] > 0
+
+
+@pytest.mark.ray
+def test_bench_data_runs_the_three_paths(ray_cluster, capsys):
+    argv = ["--images", "12", "--cores", "1", "--batch", "4", "--warmup", "4", "--files", "2"]
+    out = _run("bench_data", argv, capsys)
+    for key in ("ray_data_images_per_s", "pil_loop_images_per_s", "dataloader_images_per_s"):
+        assert out[key] > 0
+    assert {"ray_vs_dataloader", "first_batch_s", "ray_time"} <= set(out)
+
+
+@pytest.mark.ray
+def test_bench_serve_runs_both_configurations(ray_cluster, capsys):
+    argv = ["--requests", "4", "--rounds", "1", "--concurrency", "2", "--max-batch-size", "2"]
+    out = _run("bench_serve", [*argv, "--beam-size", "1"], capsys)
+    assert out["batched"]["errors"] == 0 and out["unbatched"]["errors"] == 0
+    assert out["requests"] >= 2 and len(out["round_ratios"]) == 1
+    assert {"throughput_ratio", "p99_ratio", "model_only"} <= set(out)
