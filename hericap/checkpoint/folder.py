@@ -1,19 +1,26 @@
 """Self-describing checkpoint folders, and the one function that loads them.
 
-A checkpoint folder holds everything needed to rebuild, evaluate, serve or resume:
+A checkpoint folder (a local folder or an object prefix such as ``s3://bucket/runs/best``) holds
+everything needed to rebuild, evaluate, serve or resume:
 
 * ``model.pt``: the model state dict (tensors only; loaded with ``weights_only=True``);
 * ``training_state.pt``: optimiser, scheduler, RNG states, phase, epoch, step;
 * ``config.json``: the full run config; ``vocab.json``: the vocabulary;
 * ``meta.json``: epoch, step and the metrics reported with it.
+
+Loading reads only those files: the config may record where the backbone and detector weights
+came from (``model.extractor.checkpoint``, ``model.detector.checkpoint``), but the model is built
+without them and gets every weight from ``model.pt``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
+import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,11 +28,17 @@ from torch import nn
 
 from hericap.config.loader import from_dict, to_dict
 from hericap.config.schema import Config
+from hericap.data import storage
 from hericap.data.text import Vocabulary
 from hericap.data.transforms import resize_spec
 from hericap.models.weights import load_state_dict_strict
 
-__all__ = ["LoadedCheckpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "LoadedCheckpoint",
+    "load_checkpoint",
+    "read_checkpoint_files",
+    "save_checkpoint",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -34,26 +47,59 @@ STATE_FILE = "training_state.pt"
 CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.json"
 META_FILE = "meta.json"
+REQUIRED_FILES = (MODEL_FILE, CONFIG_FILE, VOCAB_FILE)
+
+
+def _tensor_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 def save_checkpoint(
-    directory: str | Path,
+    directory: str | os.PathLike,
     model: nn.Module,
     config: Config,
     vocab: Vocabulary,
     meta: dict[str, Any],
     training_state: dict[str, Any] | None = None,
-) -> Path:
-    """Write a checkpoint folder (model weights always; training state when given)."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), d / MODEL_FILE)
+) -> str:
+    """Write a checkpoint folder (a folder or URI; model weights always, training state when
+    given); returns its location. ``meta.json`` is written last."""
+    d = storage.resolve(directory)
+    storage.write_bytes(storage.join(d, MODEL_FILE), _tensor_bytes(model.state_dict()))
     if training_state is not None:
-        torch.save(training_state, d / STATE_FILE)
-    (d / CONFIG_FILE).write_text(json.dumps(to_dict(config), indent=1))
-    vocab.save(d / VOCAB_FILE)
-    (d / META_FILE).write_text(json.dumps(meta, indent=1))
+        storage.write_bytes(storage.join(d, STATE_FILE), _tensor_bytes(training_state))
+    storage.write_text(storage.join(d, CONFIG_FILE), json.dumps(to_dict(config), indent=1))
+    vocab.save(storage.join(d, VOCAB_FILE))
+    storage.write_text(storage.join(d, META_FILE), json.dumps(meta, indent=1))
     return d
+
+
+def read_checkpoint_files(
+    location: str | os.PathLike, with_training_state: bool = False
+) -> dict[str, bytes]:
+    """The files of a checkpoint folder as ``{name: bytes}`` (to ship them to processes that
+    cannot read ``location``, e.g. through Ray's object store).
+
+    Raises:
+        FileNotFoundError: ``location`` is not a checkpoint folder.
+    """
+    d = storage.resolve(location)
+    files: dict[str, bytes] = {}
+    for name in REQUIRED_FILES:
+        try:
+            files[name] = storage.read_bytes(storage.join(d, name))
+        except FileNotFoundError as e:
+            raise FileNotFoundError(
+                f"{d} is not a HeriCap checkpoint folder: {name} is missing "
+                f"(expected {', '.join(REQUIRED_FILES)})"
+            ) from e
+    optional = (META_FILE, STATE_FILE) if with_training_state else (META_FILE,)
+    for name in optional:
+        with contextlib.suppress(FileNotFoundError):
+            files[name] = storage.read_bytes(storage.join(d, name))
+    return files
 
 
 @dataclass
@@ -62,15 +108,28 @@ class LoadedCheckpoint:
     config: Config
     vocab: Vocabulary
     meta: dict[str, Any]
-    path: Path
+    path: str  # the checkpoint's location
 
     def training_state(self) -> dict[str, Any] | None:
-        p = self.path / STATE_FILE
-        return torch.load(p, map_location="cpu", weights_only=True) if p.is_file() else None
+        try:
+            data = storage.read_bytes(storage.join(self.path, STATE_FILE))
+        except FileNotFoundError:
+            return None
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
-def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+def load_checkpoint(
+    checkpoint: str | os.PathLike | dict[str, bytes],
+    device: str | torch.device = "cpu",
+    location: str | None = None,
+) -> LoadedCheckpoint:
     """Rebuild the model of a checkpoint folder and load its weights strictly.
+
+    Args:
+        checkpoint: the folder's location, or its files (:func:`read_checkpoint_files`).
+        device: where the model goes.
+        location: where ``checkpoint``'s files came from (for messages and
+            :meth:`LoadedCheckpoint.training_state`); default: ``checkpoint`` itself.
 
     Raises:
         FileNotFoundError: the folder or one of its files is missing.
@@ -78,17 +137,19 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     """
     from hericap.models.builder import build_captioner
 
-    d = Path(directory)
-    for name in (MODEL_FILE, CONFIG_FILE, VOCAB_FILE):
-        if not (d / name).is_file():
-            raise FileNotFoundError(
-                f"{d} is not a HeriCap checkpoint folder: {name} is missing "
-                f"(expected {MODEL_FILE}, {CONFIG_FILE}, {VOCAB_FILE})"
-            )
-    config = from_dict(json.loads((d / CONFIG_FILE).read_text()))
-    vocab = Vocabulary.load(d / VOCAB_FILE)
-    model = build_captioner(config.model, len(vocab), resize_spec(config.dataset).model_size)
-    state = torch.load(d / MODEL_FILE, map_location="cpu", weights_only=True)
-    load_state_dict_strict(model, state, what=f"checkpoint {d / MODEL_FILE}")
-    meta = json.loads((d / META_FILE).read_text()) if (d / META_FILE).is_file() else {}
-    return LoadedCheckpoint(model.to(device).eval(), config, vocab, meta, d)
+    if isinstance(checkpoint, dict):
+        files, where = checkpoint, location or "<checkpoint files>"
+    else:
+        where = storage.resolve(checkpoint)
+        files = read_checkpoint_files(where)
+    config = from_dict(json.loads(files[CONFIG_FILE]))
+    vocab = Vocabulary.from_dict(json.loads(files[VOCAB_FILE]))
+    # every weight comes from model.pt: the backbone / detector files the config names are
+    # where training started, and need not exist where the checkpoint is loaded
+    model = build_captioner(
+        config.model, len(vocab), resize_spec(config.dataset).model_size, load_pretrained=False
+    )
+    state = torch.load(io.BytesIO(files[MODEL_FILE]), map_location="cpu", weights_only=True)
+    load_state_dict_strict(model, state, what=f"checkpoint {storage.join(where, MODEL_FILE)}")
+    meta = json.loads(files[META_FILE]) if META_FILE in files else {}
+    return LoadedCheckpoint(model.to(device).eval(), config, vocab, meta, where)

@@ -6,22 +6,28 @@ import argparse
 import json
 import logging
 import time
-from pathlib import Path
 
 from hericap.cli.common import config_from, overrides_help
 from hericap.config.loader import ConfigError, from_dict, load_config
+from hericap.data import storage
 
 logger = logging.getLogger(__name__)
 
 
 def _train_and_test(cfg, skip_test: bool = False, compare_xe: bool = False) -> dict | None:
     """Train, then score the best checkpoint on the test split. With ``compare_xe`` and SCST
-    epochs, the best XE checkpoint is scored too (under ``report["xe"]``)."""
+    epochs, the best XE checkpoint is scored too (under ``report["xe"]``). The config and the
+    run's previous outputs are checked before Ray starts."""
     from hericap.evaluation.coco_metrics import CocoScorer
     from hericap.runtime.batch_eval import evaluate_checkpoint
     from hericap.runtime.cluster import ray_session
+    from hericap.runtime.preflight import check_config
     from hericap.training.driver import train
+    from hericap.training.run_storage import claim_run
 
+    check_config(cfg, need_weights=not cfg.exp.resume)
+    if not cfg.exp.overwrite:  # overwriting deletes: only once the cluster checks passed
+        claim_run(cfg)
     with ray_session(cfg.exp.ray_address, cfg.exp.ray_num_cpus):
         outcome = train(cfg)
         if outcome.best_checkpoint is None:
@@ -44,7 +50,7 @@ def _train_and_test(cfg, skip_test: bool = False, compare_xe: bool = False) -> d
                     cfg,
                     outcome.best_xe_checkpoint,
                     "test",
-                    out_dir=Path(cfg.run_dir) / "xe",
+                    out_dir=storage.join(cfg.run_dir, "xe"),
                     with_oracle=False,  # the same references: the oracle is the report's
                     scorer=scorer,
                 )
@@ -66,20 +72,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from hericap.checkpoint import CONFIG_FILE
     from hericap.evaluation.report import format_table
     from hericap.runtime.batch_eval import evaluate_checkpoint
     from hericap.runtime.cluster import ray_session
+    from hericap.runtime.preflight import check_config
 
     pre = load_config(args.overrides, preset=None, validate=False) if args.overrides else None
     ckpt = pre.exp.checkpoint if pre else None
     if not ckpt:
-        raise ConfigError("eval needs exp.checkpoint=PATH (a HeriCap checkpoint folder)")
-    saved = Path(ckpt) / "config.json"
-    if not saved.is_file():
-        raise FileNotFoundError(f"{ckpt} is not a HeriCap checkpoint folder (no config.json)")
+        raise ConfigError("eval needs exp.checkpoint=PATH (a HeriCap checkpoint folder or URI)")
+    storage.check_location(ckpt, "exp.checkpoint")
+    try:
+        saved = storage.read_text(storage.join(ckpt, CONFIG_FILE))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"{ckpt} is not a HeriCap checkpoint folder (no {CONFIG_FILE})"
+        ) from e
     # The checkpoint's own config is the base; the command line overrides it.
-    base = from_dict(json.loads(saved.read_text()))
-    cfg = load_config(args.overrides, base=base)
+    cfg = load_config(args.overrides, base=from_dict(json.loads(saved)))
+    check_config(cfg, need_weights=False)  # the checkpoint holds every weight
     with ray_session(cfg.exp.ray_address, cfg.exp.ray_num_cpus):
         report = evaluate_checkpoint(cfg, ckpt, cfg.split)
     print(format_table(report))
@@ -135,8 +147,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "wall_s": time.time() - t0,
     }
     scores["targets"] = demo_targets(scores)
-    out = Path(cfg.run_dir) / "test_scores.json"
-    out.write_text(json.dumps(scores, indent=1))
+    out = storage.join(cfg.run_dir, "test_scores.json")
+    storage.write_text(out, json.dumps(scores, indent=1))
     print()
     print(
         f"HeriCap demo: {report['num_images']} synthetic test images, "

@@ -8,6 +8,7 @@ The key tree follows the research code that seed users know (GRIT / HierCap Hydr
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -41,8 +42,11 @@ class ExpConfig:
     storage_path: str | None = None
     # Checkpoint folder to evaluate or serve (eval entrypoint).
     checkpoint: str | None = None
-    # Continue the run of the same name from its latest checkpoint instead of replacing it.
+    # Continue the run of the same name from its latest checkpoint.
     resume: bool = False
+    # Delete a previous run of the same name (its checkpoints and kept best) and start over.
+    # Neither set and a previous run there: an error (nothing a user owns is deleted by default).
+    overwrite: bool = False
     # Seed keys: world_size is the number of Ray Train workers, ngpus_per_node > 0 asks for GPUs.
     world_size: int = 1
     ngpus_per_node: int = 0
@@ -257,96 +261,16 @@ class Config:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
     def validate(self) -> None:
-        """Cross-field checks; raises ``ValueError`` saying what to change."""
-        if self.split not in SPLITS:
-            raise ValueError(f"split={self.split!r} is not one of {list(SPLITS)}")
-        if self.exp.world_size < 1:
-            raise ValueError(f"exp.world_size={self.exp.world_size} must be >= 1")
-        if self.exp.ngpus_per_node < 0:
-            raise ValueError(f"exp.ngpus_per_node={self.exp.ngpus_per_node} must be >= 0")
-        if self.exp.cpus_per_worker <= 0:
-            raise ValueError(f"exp.cpus_per_worker={self.exp.cpus_per_worker} must be > 0")
-        if self.model.d_model % self.model.n_heads:
-            raise ValueError(
-                f"model.d_model={self.model.d_model} must be divisible by "
-                f"model.n_heads={self.model.n_heads}"
-            )
-        ext = self.model.extractor
-        if len(ext.depths) != len(ext.num_heads):
-            raise ValueError(
-                f"model.extractor.depths={ext.depths} and model.extractor.num_heads="
-                f"{ext.num_heads} must have the same length (one entry per Swin stage)"
-            )
-        n_maps = len(ext.depths) + (1 if ext.extra_stage_dim else 0)
-        det = self.model.detector
-        if self.model.use_reg_feat and det.num_levels > n_maps:
-            raise ValueError(
-                f"model.detector.num_levels={det.num_levels} but the extractor gives {n_maps} "
-                f"maps (model.extractor.depths={ext.depths}, extra_stage_dim="
-                f"{ext.extra_stage_dim}); lower num_levels or add stages"
-            )
-        if self.model.use_reg_feat and det.d_model % det.num_heads:
-            raise ValueError(
-                f"model.detector.d_model={det.d_model} must be divisible by "
-                f"model.detector.num_heads={det.num_heads}"
-            )
-        if not (self.model.use_gri_feat or self.model.use_reg_feat or self.model.use_glob_feat):
-            raise ValueError(
-                "at least one of model.use_gri_feat / use_reg_feat / use_glob_feat must be True"
-            )
-        opt = self.optimizer
-        if opt.batch_size < 1:
-            raise ValueError(f"optimizer.batch_size={opt.batch_size} must be >= 1")
-        if opt.grad_accum_steps < 1:
-            raise ValueError(f"optimizer.grad_accum_steps={opt.grad_accum_steps} must be >= 1")
-        if opt.checkpoint_num_to_keep < 1:
-            raise ValueError(
-                f"optimizer.checkpoint_num_to_keep={opt.checkpoint_num_to_keep} must be >= 1 "
-                "(the latest checkpoint is what a run resumes from)"
-            )
-        for key in ("epochs_per_run", "steps_per_run", "checkpoint_every_steps"):
-            if getattr(self.exp, key) < 0:
-                raise ValueError(f"exp.{key}={getattr(self.exp, key)} must be >= 0")
-        if self.exp.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(
-                f"exp.mixed_precision={self.exp.mixed_precision!r}; known: {list(MIXED_PRECISION)}"
-            )
-        if opt.captions_per_image < 1:
-            raise ValueError(f"optimizer.captions_per_image={opt.captions_per_image} must be >= 1")
-        for key in (
-            "freezing_xe_epochs",
-            "freezing_sc_epochs",
-            "finetune_xe_epochs",
-            "finetune_sc_epochs",
-        ):
-            if getattr(opt, key) < 0:
-                raise ValueError(f"optimizer.{key}={getattr(opt, key)} must be >= 0")
-        if opt.sc_baseline not in SCST_BASELINES:
-            raise ValueError(
-                f"optimizer.sc_baseline={opt.sc_baseline!r}; known: {list(SCST_BASELINES)}"
-            )
-        min_sequences = 2 if opt.sc_baseline == "leave_one_out" else 1
-        if opt.sc_num_sequences < min_sequences:
-            raise ValueError(
-                f"optimizer.sc_num_sequences={opt.sc_num_sequences} must be >= {min_sequences} "
-                f"for the {opt.sc_baseline} baseline"
-            )
-        ds = self.dataset
-        if ds.resize not in RESIZE_MODES:
-            raise ValueError(f"dataset.resize={ds.resize!r}; known: {list(RESIZE_MODES)}")
-        if ds.augment not in AUGMENTATIONS:
-            raise ValueError(f"dataset.augment={ds.augment!r}; known: {list(AUGMENTATIONS)}")
-        if min(ds.image_size, ds.min_size, ds.max_size) < 1 or ds.min_size > ds.max_size:
-            raise ValueError(
-                f"dataset.image_size={ds.image_size}, min_size={ds.min_size} and max_size="
-                f"{ds.max_size} must be >= 1 with min_size <= max_size"
-            )
-        if self.decode.test_beam_size < 1 or self.decode.val_beam_size < 1:
-            raise ValueError("decode.val_beam_size and decode.test_beam_size must be >= 1")
+        """Every value in range, every choice known, the fields that must agree; raises
+        ``ValueError`` saying what to change (:mod:`hericap.config.checks`)."""
+        from hericap.config.checks import check_all
+
+        check_all(self)
 
     @property
     def run_dir(self) -> str:
-        """``<output_dir>/<exp.name>``: everything this run writes."""
-        import os
-
-        return os.path.join(self.exp.output_dir, self.exp.name)
+        """``<output_dir>/<exp.name>``: everything this run writes (a folder or a URI)."""
+        output_dir = self.exp.output_dir
+        if "://" in output_dir:
+            return f"{output_dir.rstrip('/')}/{self.exp.name}"
+        return os.path.join(output_dir, self.exp.name)

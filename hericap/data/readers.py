@@ -25,11 +25,14 @@ from pathlib import Path
 
 __all__ = [
     "DEFAULT_LAYOUT",
+    "KARPATHY_DATASETS",
     "READERS",
     "Record",
+    "SplitSource",
     "read_coco_captions",
     "read_karpathy",
     "read_nocaps",
+    "read_splits",
 ]
 
 logger = logging.getLogger(__name__)
@@ -171,3 +174,56 @@ READERS: dict[str, Callable[..., list[Record]]] = {
         read_coco_captions(annotations, images, split, split_list)
     ),
 }
+
+
+# Datasets whose one annotation file holds every split (train / val / test).
+KARPATHY_DATASETS = ("coco", "flickr8k", "flickr30k")
+
+
+@dataclass
+class SplitSource:
+    """One split of a dataset built from several files: its annotation file, image folder and
+    optional split list (image ids or file names to keep)."""
+
+    split: str
+    annotations: str
+    images: str
+    split_list: str | None = None
+
+
+def read_splits(dataset: str, sources: list[SplitSource]) -> list[Record]:
+    """The records of several single-split files (``coco_captions``, ``nocaps``) as one
+    dataset.
+
+    Raises:
+        ValueError: the reader holds its own splits (Karpathy files), a split is named twice, or
+            an image lands in two splits.
+    """
+    if dataset in KARPATHY_DATASETS:
+        raise ValueError(
+            f"{dataset}: a Karpathy split file holds its own splits; give --annotations FILE, "
+            "not --split NAME=FILE"
+        )
+    names = [s.split for s in sources]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a split is named twice: {names}")
+    records: list[Record] = []
+    seen: dict[str, str] = {}
+    overlap: list[tuple[str, str, str]] = []
+    for source in sources:
+        for r in READERS[dataset](
+            annotations=source.annotations,
+            images=source.images,
+            split=source.split,
+            split_list=source.split_list,
+        ):
+            if r.image_id in seen:
+                overlap.append((r.image_id, seen[r.image_id], r.split))
+            seen[r.image_id] = r.split
+            records.append(r)
+    if overlap:
+        raise ValueError(
+            f"{len(overlap)} image(s) are in two splits, e.g. (image id, split, split) "
+            f"{overlap[:5]}: give split lists that do not overlap (--split-list SPLIT=FILE)"
+        )
+    return records

@@ -1,30 +1,39 @@
 """Decode a split with a checkpoint on the Ray cluster (Ray Data batch inference) and score it.
 
+The checkpoint may live anywhere the driver reads (a folder, S3): the driver reads its files once
+and ships them to the inference actors through Ray's object store, so an actor on any node loads
+the same weights without reading the checkpoint's location itself. With ``exp.ngpus_per_node > 0``
+each actor asks for one GPU and decodes there (bf16 autocast where the GPU supports it, per
+``exp.mixed_precision``).
+
 Writes ``<split>_results.json`` (COCO results format) and ``<split>_scores.json`` to the run
-folder and returns the score report.
+folder (a folder or a URI) and returns the score report.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+import ray
 import ray.data
 
-from hericap.checkpoint import META_FILE
+from hericap.checkpoint import META_FILE, read_checkpoint_files
 from hericap.config.schema import Config
-from hericap.data.catalog import ensure_shards, first_image_ids
+from hericap.data import storage
+from hericap.data.catalog import ensure_shards, first_image_ids, shard_dir
 from hericap.data.shards import read_rows
 from hericap.data.synthetic import Scene
 from hericap.data.transforms import resize_spec
 from hericap.evaluation.coco_metrics import CocoScorer
 from hericap.evaluation.inference import CaptionPredictor
 from hericap.evaluation.report import build_report
+from hericap.runtime.cluster import check_resources, check_shared_locations
 from hericap.runtime.datasets import shard_dataset
 
 __all__ = ["evaluate_checkpoint"]
@@ -61,9 +70,36 @@ def split_references(cfg: Config, split: str) -> SplitReferences:
     return SplitReferences(files, keep, {r["image_id"]: list(r["captions"]) for r in rows}, scenes)
 
 
-def decode_split(cfg: Config, checkpoint: Path, split: SplitReferences) -> dict[str, str]:
+class _ShippedPredictor(CaptionPredictor):
+    """A :class:`CaptionPredictor` over checkpoint files that travel in Ray's object store (a
+    one-element list, so that Ray Data hands the reference over instead of resolving it)."""
+
+    def __init__(self, files_ref: list[ray.ObjectRef], location: str, **kwargs: Any) -> None:
+        super().__init__(ray.get(files_ref[0]), location=location, **kwargs)
+
+
+def eval_resources(cfg: Config) -> dict[str, float]:
+    """What one inference actor asks for: ``exp.cpus_per_worker`` CPUs, and a GPU when
+    ``exp.ngpus_per_node > 0``."""
+    return {"CPU": cfg.exp.cpus_per_worker, "GPU": 1.0 if cfg.exp.ngpus_per_node > 0 else 0.0}
+
+
+def check_eval_cluster(cfg: Config) -> None:
+    """Refuse an evaluation the cluster cannot hold, or whose shards some node cannot read."""
+    check_shared_locations({"dataset.shard_dir": shard_dir(cfg)}, "batch inference")
+    check_resources(
+        eval_resources(cfg),
+        max(1, cfg.exp.world_size),
+        f"exp.world_size={cfg.exp.world_size} inference actors",
+        "Lower exp.world_size or exp.cpus_per_worker; exp.ngpus_per_node=0 runs them on CPU",
+    )
+
+
+def decode_split(cfg: Config, checkpoint: str, split: SplitReferences) -> dict[str, str]:
     """Caption every image of ``split`` with Ray Data batch inference: a pool of
-    ``exp.world_size`` actors, each loading the checkpoint once."""
+    ``exp.world_size`` actors (one GPU each with ``exp.ngpus_per_node > 0``), each loading the
+    checkpoint once from the files the driver put in the object store."""
+    resources = eval_resources(cfg)
     ds = shard_dataset(
         split.files,
         resize_spec(cfg.dataset),
@@ -71,19 +107,24 @@ def decode_split(cfg: Config, checkpoint: Path, split: SplitReferences) -> dict[
         decode_batch_size=cfg.dataset.decode_batch_size,
         keep_ids=split.keep,
     )
+    files_ref = ray.put(read_checkpoint_files(checkpoint))
     preds = ds.map_batches(
-        CaptionPredictor,
+        _ShippedPredictor,
         fn_constructor_kwargs={
-            "checkpoint": str(checkpoint),
+            "files_ref": [files_ref],
+            "location": checkpoint,
             "beam_size": cfg.decode.test_beam_size,
             "max_len": cfg.decode.max_len,
             "length_penalty": cfg.decode.length_penalty,
             "torch_threads": max(1, int(cfg.exp.cpus_per_worker)),
+            "device": "cuda" if resources["GPU"] else "cpu",
+            "mixed_precision": cfg.exp.mixed_precision,
         },
         batch_size=cfg.decode.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=max(1, cfg.exp.world_size)),
-        num_cpus=cfg.exp.cpus_per_worker,
+        num_cpus=resources["CPU"],
+        num_gpus=resources["GPU"] or None,
     ).take_all()
     candidates = {str(p["image_id"]): str(p["caption"]) for p in preds}
     if set(candidates) != set(split.references):
@@ -91,11 +132,13 @@ def decode_split(cfg: Config, checkpoint: Path, split: SplitReferences) -> dict[
     return candidates
 
 
-def training_info(checkpoint: Path) -> dict[str, Any]:
+def training_info(checkpoint: str) -> dict[str, Any]:
     """Where in training a checkpoint comes from (phase, epoch, step) and, after SCST, how its
     reward was computed: recorded with every score."""
-    meta_file = checkpoint / META_FILE
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    try:
+        meta = json.loads(storage.read_text(storage.join(checkpoint, META_FILE)))
+    except FileNotFoundError:
+        meta = {}
     training = {"phase": meta.get("phase"), "epoch": meta.get("epoch"), "step": meta.get("step")}
     if meta.get("phase") == "sc":
         training["reward"] = {
@@ -108,9 +151,9 @@ def training_info(checkpoint: Path) -> dict[str, Any]:
 
 def evaluate_checkpoint(
     cfg: Config,
-    checkpoint: str | Path,
+    checkpoint: str | os.PathLike,
     split: str,
-    out_dir: str | Path | None = None,
+    out_dir: str | os.PathLike | None = None,
     with_oracle: bool = True,
     scorer: CocoScorer | None = None,
 ) -> dict[str, Any]:
@@ -118,7 +161,7 @@ def evaluate_checkpoint(
 
     Args:
         cfg: the run config (dataset location, decoding, workers).
-        checkpoint: checkpoint folder.
+        checkpoint: checkpoint folder (a folder or a URI).
         split: ``val`` or ``test`` (or ``train``).
         out_dir: where results and scores go (default: the run folder).
         with_oracle: also score the human oracle (off for a second checkpoint on one split).
@@ -126,7 +169,8 @@ def evaluate_checkpoint(
             is ~6 s); None: one of its own, closed after.
     """
     t0 = time.time()
-    checkpoint = Path(checkpoint).resolve()
+    checkpoint = storage.resolve(checkpoint)
+    check_eval_cluster(cfg)
     images = split_references(cfg, split)
     candidates = decode_split(cfg, checkpoint, images)
     decode_s = time.time() - t0
@@ -144,9 +188,10 @@ def evaluate_checkpoint(
     report.update(
         {
             "split": split,
-            "checkpoint": str(checkpoint),
+            "checkpoint": checkpoint,
             "training": training_info(checkpoint),
             "decode": {
+                "device": "cuda" if cfg.exp.ngpus_per_node > 0 else "cpu",
                 "beam_size": cfg.decode.test_beam_size,
                 "max_len": cfg.decode.max_len,
                 "length_penalty": cfg.decode.length_penalty,
@@ -155,10 +200,12 @@ def evaluate_checkpoint(
             "eval_s": time.time() - t0,
         }
     )
-    out = Path(out_dir or cfg.run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{split}_results.json").write_text(
-        json.dumps([{"image_id": k, "caption": v} for k, v in sorted(candidates.items())], indent=0)
+    out = storage.resolve(out_dir or cfg.run_dir)
+    storage.write_text(
+        storage.join(out, f"{split}_results.json"),
+        json.dumps(
+            [{"image_id": k, "caption": v} for k, v in sorted(candidates.items())], indent=0
+        ),
     )
-    (out / f"{split}_scores.json").write_text(json.dumps(report, indent=1))
+    storage.write_text(storage.join(out, f"{split}_scores.json"), json.dumps(report, indent=1))
     return report

@@ -3,7 +3,7 @@
 * ``POST /caption``: the image as the raw body (an image content type) or as multipart field
   ``image``; returns the caption, the top-n beams with their log-probabilities, the model id
   and timings. Bad input gets a 4xx JSON ``{"error": reason}``; nothing is fetched from URLs.
-* ``GET /healthz``: the model id and the batching settings.
+* ``GET /healthz``: the model id, the device it runs on and the batching settings.
 * ``/docs``: OpenAPI (FastAPI's).
 
 Requests are batched by ``@serve.batch``; ``max_ongoing_requests`` is set above the batch size
@@ -51,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "num_replicas": 1,
     "autoscaling": None,  # e.g. {"min_replicas": 1, "max_replicas": 4}; replaces num_replicas
     "num_cpus": 1.0,
+    "num_gpus": 0.0,  # > 0: each replica gets (a share of) a GPU and decodes there
     "torch_threads": 1,
     "max_bytes": ImageLimits.max_bytes,
     "max_pixels": ImageLimits.max_pixels,
@@ -164,6 +165,7 @@ class CaptionDeployment:
         return {
             "status": "ok",
             "model": self.service.id,
+            "device": str(self.service.torch_device),
             "max_batch_size": self.max_batch_size,
             "batch_wait_timeout_s": self.batch_wait_timeout_s,
         }
@@ -181,7 +183,7 @@ def build_app(args: dict[str, Any]) -> Application:
     options: dict[str, Any] = {
         # room for a full batch waiting while another decodes
         "max_ongoing_requests": max(2 * max_batch, 8),
-        "ray_actor_options": {"num_cpus": float(a["num_cpus"])},
+        "ray_actor_options": {"num_cpus": float(a["num_cpus"]), "num_gpus": float(a["num_gpus"])},
     }
     if a["autoscaling"]:
         options["autoscaling_config"] = {
