@@ -8,6 +8,7 @@ import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -236,7 +237,7 @@ def test_four_phases_freeze_then_finetune_under_ddp_with_accumulation(
         assert sc["sc_baseline"] == "leave_one_out" and sc["sc_include_eos"]
         # the mean CIDEr-D of sampled captions: above 0 (some words match), at most 10
         assert 0.0 < sc["train_reward"] <= 10.0 and sc["lr"] == pytest.approx(1e-4)
-    latest = json.loads((outcome.latest_checkpoint / "meta.json").read_text())
+    latest = json.loads((Path(outcome.latest_checkpoint) / "meta.json").read_text())
     assert latest["phase"] == "sc"
     state = load_checkpoint(outcome.latest_checkpoint).training_state()
     assert state["phase"] == "finetune_sc" and state["epoch"] == 3
@@ -307,9 +308,9 @@ def test_resume_from_s3_gives_the_weights_of_a_straight_run(
         return train(_shard_run_config("stopped", tmp_path, tiny_shards, *more, *extra))
 
     first = stopped("exp.steps_per_run=40", "exp.checkpoint_every_steps=35")
-    latest = json.loads((first.latest_checkpoint / "meta.json").read_text())
+    latest = json.loads((Path(first.latest_checkpoint) / "meta.json").read_text())
     assert latest["mid_epoch"] and latest["step"] == 40 and latest["epoch"] == 1
-    assert (first.latest_checkpoint / "training_state.pt").is_file()  # a local copy
+    assert (Path(first.latest_checkpoint) / "training_state.pt").is_file()  # a local copy
     assert [h["epoch"] for h in first.history] == [0]  # epoch 2 not finished yet
     keys = bucket_keys()
     assert any(k.startswith("hericap/train/checkpoint_") and k.endswith("/model.pt") for k in keys)
@@ -322,8 +323,10 @@ def test_resume_from_s3_gives_the_weights_of_a_straight_run(
     assert resumed.history[1]["attempt"] == 2
 
     a = _checkpoints(tmp_path / "straight" / "runs" / "train")[1]
-    b = torch.load(resumed.latest_checkpoint / "model.pt", map_location="cpu", weights_only=True)
-    assert json.loads((resumed.latest_checkpoint / "meta.json").read_text())["epoch"] == 1
+    b = torch.load(
+        Path(resumed.latest_checkpoint) / "model.pt", map_location="cpu", weights_only=True
+    )
+    assert json.loads((Path(resumed.latest_checkpoint) / "meta.json").read_text())["epoch"] == 1
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, different[:5]
