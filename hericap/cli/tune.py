@@ -21,8 +21,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     storage.check_location(args.output_dir, "--output-dir")
     space = load_space(args.space, args.overrides)  # every value a trial can get is checked
     name = args.name or Path(args.space).stem
-    if not args.overwrite:  # before Ray starts; overwriting deletes only once all checks passed
-        claim_sweep(storage.join(storage.resolve(args.output_dir), name), args.resume, False)
+    sweep_root = storage.join(storage.resolve(args.output_dir), name)
+    # before Ray starts; --overwrite deletes only once every check has passed (in run_sweep)
+    claim_sweep(sweep_root, args.resume, args.overwrite, delete=False)
     try:
         # a local cluster gets the preset's logical CPUs (demo: 4), as `hericap train` does: on
         # 2 cores, 2 CPUs leave Ray Data's read tasks none beside a trial's workers (deadlock)

@@ -215,9 +215,10 @@ def _sweep_outputs(sweep_root: str) -> list[str]:
     return [location for location in found if storage.exists(location)]
 
 
-def claim_sweep(sweep_root: str, resume: bool, overwrite: bool) -> None:
+def claim_sweep(sweep_root: str, resume: bool, overwrite: bool, delete: bool = True) -> None:
     """Make sure a previous sweep of the same name is not lost: ``resume`` continues it,
-    ``overwrite`` deletes it, neither is an error when it exists.
+    ``overwrite`` deletes it (when ``delete``; False only checks), neither is an error when it
+    exists.
 
     Raises:
         SweepExistsError: a previous sweep's outputs exist and neither flag is set.
@@ -233,7 +234,7 @@ def claim_sweep(sweep_root: str, resume: bool, overwrite: bool) -> None:
             "with --resume, delete them and start over with --overwrite, or choose another "
             "--name"
         )
-    for location in found:
+    for location in found if delete else ():
         logger.warning("--overwrite: deleting %s", location)
         storage.delete_tree(location)
 
