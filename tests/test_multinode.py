@@ -161,15 +161,20 @@ def _job(cluster: dict, argv: list[str], runtime_env: dict, timeout: float = 600
     """``ray job submit`` ``argv``, wait for the end; returns the logs (asserts success)."""
     ray, address, env = str(BIN / "ray"), cluster["dashboard"], cluster["env"]
     job_id = f"hericap-{os.getpid()}-{int(time.time())}"
-    submit = subprocess.run(
-        [
-            *(ray, "job", "submit", "--address", address, "--submission-id", job_id, "--no-wait"),
-            *("--runtime-env-json", json.dumps(runtime_env), "--", *argv),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    deadline = time.time() + 120
+    while True:  # the job agents come up a little after the nodes
+        submit = subprocess.run(
+            [
+                *(ray, "job", "submit", "--address", address, "--submission-id", job_id),
+                *("--no-wait", "--runtime-env-json", json.dumps(runtime_env), "--", *argv),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        if "No available agent" not in submit.stderr or time.time() > deadline:
+            break
+        time.sleep(3)
     assert submit.returncode == 0, submit.stderr[-3000:]
     deadline, status = time.time() + timeout, ""
     while time.time() < deadline:
