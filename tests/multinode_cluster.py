@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
+import socket
 import sys
 import threading
 
+from ray._private.services import get_node_ip_address
 from ray.cluster_utils import Cluster
 
 # per node: Ray's default of 30% of RAM each would over-commit this machine
@@ -32,9 +35,16 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--cpus", type=int, default=3, help="logical CPUs per worker node")
     args = p.parse_args()
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    # Ray processes that look for "the" cluster (Ray Train's placement-group cleaner does) find
+    # this one, not the test session's own local cluster beside it
+    os.environ["RAY_ADDRESS"] = f"{get_node_ip_address()}:{port}"
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
+            "gcs_server_port": port,
             "num_cpus": 0,
             "include_dashboard": True,
             "dashboard_host": "127.0.0.1",

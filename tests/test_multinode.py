@@ -289,13 +289,14 @@ def test_a_local_storage_path_on_a_multi_node_cluster_is_refused_before_anything
     assert not (tmp_path / "runs").exists()
 
 
-def _finished_trials(s3, experiment: str) -> dict[str, bytes]:
-    """Trial folder name -> its run's metrics.csv, for the trials whose training returned."""
+def _finished_trials(temp_dir: str) -> dict[str, str]:
+    """Trial folder name -> result.json text, for the trials whose last result says done, from
+    the Tune driver's own folder (this machine: the head node's session folder)."""
     out = {}
-    for key in _keys(s3, experiment + "/"):
-        parts = key.split("/")
-        if parts[-2:] == ["run", "metrics.csv"]:
-            out[parts[-3]] = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    for path in Path(temp_dir).glob("session_*/artifacts/*/sweep/driver_artifacts/*/result.json"):
+        text = path.read_text()
+        if '"done": true' in text:
+            out[path.parent.name] = text
     return out
 
 
@@ -321,7 +322,7 @@ def test_an_s3_sweep_on_two_nodes_is_interrupted_resumed_exported_and_served(
         )
     try:
         deadline = time.monotonic() + 420
-        while not _finished_trials(s3, experiment) and proc.poll() is None:
+        while not _finished_trials(cluster["temp_dir"]) and proc.poll() is None:
             assert time.monotonic() < deadline, "no trial finished in 7 minutes"
             time.sleep(1)
         proc.send_signal(signal.SIGINT)
@@ -333,8 +334,18 @@ def test_an_s3_sweep_on_two_nodes_is_interrupted_resumed_exported_and_served(
     assert code == 130, log[-3000:]
     assert "1 of 2 trials unfinished" in log and "--resume" in log, log[-3000:]
     assert not _keys(s3, "sweeps/tiny/best/")  # no partial "best" exported
-    finished = _finished_trials(s3, experiment)
+    finished = _finished_trials(cluster["temp_dir"])
     assert len(finished) == 1
+
+    def results_in_s3() -> dict[str, bytes]:
+        return {
+            key.split("/")[-2]: s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+            for key in _keys(s3, experiment + "/")
+            if key.endswith("/result.json")
+        }
+
+    before = results_in_s3()
+    assert set(finished) <= set(before)
 
     # the same command again, neither resuming nor overwriting: refused before Ray starts
     assert main(["tune", *common]) == 2
@@ -346,8 +357,8 @@ def test_an_s3_sweep_on_two_nodes_is_interrupted_resumed_exported_and_served(
     assert resume.returncode == 0, resume.stdout[-3000:] + resume.stderr[-3000:]
     summary = json.loads(resume.stdout.strip().splitlines()[-1])
     assert summary["trials"] == 2 and summary["best"] == f"{sweeps}/tiny/best"
-    after = _finished_trials(s3, experiment)
-    assert len(after) == 2 and all(after[t] == m for t, m in finished.items())
+    after = results_in_s3()
+    assert len(after) == 2 and all(after[t] == before[t] for t in finished)
     rows = s3.get_object(Bucket=BUCKET, Key="sweeps/tiny/results.csv")["Body"].read().decode()
     assert len(rows.splitlines()) == 3 and "decoder_name" in rows.splitlines()[0]
     assert {"sweeps/tiny/trials.png", "sweeps/tiny/best/model.pt"} <= _keys(s3, "sweeps/tiny/")
