@@ -11,6 +11,7 @@ Outputs go to a folder or an ``s3://`` prefix. Nothing here imports Ray.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections import Counter
@@ -44,6 +45,19 @@ SPLIT_ORDER = ("train", "val", "test")
 logger = logging.getLogger(__name__)
 
 
+def _refuse_other_dataset(out: str) -> None:
+    """A prepared real dataset at ``out`` is never replaced by the synthetic one."""
+    try:
+        previous = read_manifest(out)
+    except (FileNotFoundError, ValueError):  # nothing there, or an older synthetic format
+        return
+    if previous.source != "synthetic":
+        raise FileExistsError(
+            f"{out} holds the prepared dataset '{previous.source}' (splits {previous.splits}): "
+            "generating the synthetic one there would replace it; choose another folder"
+        )
+
+
 def prepare_synthetic(
     out_dir: str | Path,
     num_train: int = 6000,
@@ -70,15 +84,7 @@ def prepare_synthetic(
         The manifest written.
     """
     out = storage.resolve(out_dir)
-    try:
-        previous = read_manifest(out)
-    except (FileNotFoundError, ValueError):  # nothing there, or an older synthetic format
-        previous = None
-    if previous is not None and previous.source != "synthetic":
-        raise FileExistsError(
-            f"{out} holds the prepared dataset '{previous.source}' (splits {previous.splits}): "
-            "generating the synthetic one there would replace it; choose another folder"
-        )
+    _refuse_other_dataset(out)
     sizes = {"train": num_train, "val": num_val, "test": num_test}
     shards: list[dict] = []
     train_captions: list[str] = []
@@ -224,6 +230,10 @@ def build_shard(plan: ShardPlan, out: str, source: str) -> dict[str, Any]:
     return marker
 
 
+def _build_named(plan: ShardPlan, out: str, source: str) -> dict[str, Any]:
+    return build_shard(plan, out, source) | {"name": plan.name}
+
+
 def _serial(fn: Callable[[ShardPlan], dict], plans: list[ShardPlan]) -> Iterator[dict]:
     for plan in plans:
         yield fn(plan)
@@ -354,10 +364,6 @@ def prepare_records(
     splits = list(dict.fromkeys(p.split for p in plans))
     previous = _previous_dataset(out, splits, add)
     markers, pending = _pending_plans(plans, out)
-
-    def build(plan: ShardPlan) -> dict:
-        return build_shard(plan, out, source) | {"name": plan.name}
-
     with tqdm(
         total=len(plans),
         initial=len(markers),
@@ -365,7 +371,7 @@ def prepare_records(
         unit="shard",
         disable=not progress,
     ) as bar:
-        for marker in run(build, pending):
+        for marker in run(functools.partial(_build_named, out=out, source=source), pending):
             markers[marker["name"]] = marker
             bar.update(1)
     ordered = [markers[p.name] for p in plans]
