@@ -199,6 +199,12 @@ def test_four_phases_freeze_then_finetune_under_ddp_with_accumulation(
     from hericap.models.builder import build_captioner
     from hericap.training.driver import train
 
+    # a previous run of the same name, replaced on purpose (exp.overwrite=True): its checkpoint
+    # and its kept best (a score no run of this test reaches) must not survive
+    previous = tmp_path / "phases" / "runs"
+    for name in ("train/checkpoint_old", "best"):
+        (previous / name).mkdir(parents=True)
+        (previous / name / "meta.json").write_text('{"epoch": 9, "val_CIDEr": 999.0}')
     cfg = _shard_run_config(
         "phases",
         tmp_path,
@@ -218,8 +224,10 @@ def test_four_phases_freeze_then_finetune_under_ddp_with_accumulation(
         "optimizer.checkpoint_num_to_keep=4",
         "exp.log_every_steps=1",
         "decode.max_len=6",
+        "exp.overwrite=True",
     )
     outcome = train(cfg)
+    assert outcome.best_metrics["val_CIDEr"] == max(h["val_CIDEr"] for h in outcome.history)
     # 64 images / (2 workers x 8) = 4 batches per epoch = 2 optimiser steps
     assert [h["phase_name"] for h in outcome.history] == [
         "freezing_xe",

@@ -13,7 +13,7 @@ from hericap.data.text import Vocabulary
 from hericap.data.transforms import crop_batch, normalize_images
 from hericap.models.captioner import Captioner
 
-__all__ = ["CaptionPredictor", "caption_batch", "inference_autocast", "pick_device"]
+__all__ = ["CaptionPredictor", "caption_batch", "autocast_for", "pick_device"]
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -23,9 +23,9 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def inference_autocast(device: torch.device | str, mixed_precision: str = "auto"):
-    """bf16 autocast per ``exp.mixed_precision``: ``auto`` on a GPU that supports bf16,
-    ``bf16`` everywhere, ``no`` never."""
+def autocast_for(device: torch.device | str, mixed_precision: str = "auto"):
+    """A fresh bf16 autocast context per ``exp.mixed_precision``: ``auto`` on a GPU that
+    supports bf16, ``bf16`` everywhere, ``no`` never."""
     device = torch.device(device)
     if mixed_precision == "bf16" or (
         mixed_precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -97,7 +97,7 @@ class CaptionPredictor:
 
     def caption(self, images: np.ndarray, image_hw: np.ndarray | None = None) -> list[str]:
         """``uint8 [B, H, W, 3]`` (real sizes ``image_hw``) -> one caption per image."""
-        with inference_autocast(self.device, self.mixed_precision):
+        with autocast_for(self.device, self.mixed_precision):
             return caption_batch(
                 self.ckpt.model,
                 self.ckpt.vocab,
@@ -110,7 +110,9 @@ class CaptionPredictor:
             )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        captions = self.caption(batch["image"], batch.get("image_hw"))
         return {
             "image_id": batch["image_id"],
-            "caption": np.array(self.caption(batch["image"], batch.get("image_hw")), dtype=object),
+            "caption": np.array(captions, dtype=object),
+            "device": np.array([str(self.device)] * len(captions), dtype=object),
         }

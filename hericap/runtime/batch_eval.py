@@ -95,10 +95,13 @@ def check_eval_cluster(cfg: Config) -> None:
     )
 
 
-def decode_split(cfg: Config, checkpoint: str, split: SplitReferences) -> dict[str, str]:
+def decode_split(
+    cfg: Config, checkpoint: str, split: SplitReferences
+) -> tuple[dict[str, str], list[str]]:
     """Caption every image of ``split`` with Ray Data batch inference: a pool of
     ``exp.world_size`` actors (one GPU each with ``exp.ngpus_per_node > 0``), each loading the
-    checkpoint once from the files the driver put in the object store."""
+    checkpoint once from the files the driver put in the object store. Returns the captions and
+    the devices the actors decoded on."""
     resources = eval_resources(cfg)
     ds = shard_dataset(
         split.files,
@@ -129,7 +132,7 @@ def decode_split(cfg: Config, checkpoint: str, split: SplitReferences) -> dict[s
     candidates = {str(p["image_id"]): str(p["caption"]) for p in preds}
     if set(candidates) != set(split.references):
         raise RuntimeError(f"decoded {len(candidates)} of {len(split.references)} images")
-    return candidates
+    return candidates, sorted({str(p["device"]) for p in preds})
 
 
 def training_info(checkpoint: str) -> dict[str, Any]:
@@ -172,7 +175,7 @@ def evaluate_checkpoint(
     checkpoint = storage.resolve(checkpoint)
     check_eval_cluster(cfg)
     images = split_references(cfg, split)
-    candidates = decode_split(cfg, checkpoint, images)
+    candidates, devices = decode_split(cfg, checkpoint, images)
     decode_s = time.time() - t0
     logger.info(
         "decoded %d %s images in %.0fs (beam %d)",
@@ -191,7 +194,7 @@ def evaluate_checkpoint(
             "checkpoint": checkpoint,
             "training": training_info(checkpoint),
             "decode": {
-                "device": "cuda" if cfg.exp.ngpus_per_node > 0 else "cpu",
+                "devices": devices,
                 "beam_size": cfg.decode.test_beam_size,
                 "max_len": cfg.decode.max_len,
                 "length_penalty": cfg.decode.length_penalty,

@@ -15,7 +15,7 @@ from PIL import Image
 from hericap.checkpoint import load_checkpoint
 from hericap.data import storage
 from hericap.data.transforms import crop_batch, normalize_images, resize_spec, resize_to_canvas
-from hericap.evaluation.inference import inference_autocast, pick_device
+from hericap.evaluation.inference import autocast_for, pick_device
 
 __all__ = ["CaptionService", "model_id"]
 
@@ -63,7 +63,7 @@ class CaptionService:
         model, vocab = self.loaded.model, self.loaded.vocab
         batch, sizes = self.prepare(images)
         x = normalize_images(crop_batch(batch, sizes, model.input_multiple), self.torch_device)
-        with inference_autocast(self.torch_device, self.mixed_precision):
+        with autocast_for(self.torch_device, self.mixed_precision):
             out = model.generate(
                 x, beam_size=self.beam_size, max_len=self.max_len, n_best=self.n_best
             )
