@@ -13,7 +13,7 @@ from hericap.data.text import Vocabulary
 from hericap.data.transforms import crop_batch, normalize_images
 from hericap.models.captioner import Captioner
 
-__all__ = ["CaptionPredictor", "caption_batch", "autocast_for", "pick_device"]
+__all__ = ["CaptionPredictor", "autocast_for", "caption_batch", "pick_device"]
 
 
 def pick_device(device: str | None = None) -> torch.device:
