@@ -85,7 +85,7 @@ def test_a_folder_is_replaced_only_once_its_new_copy_is_complete(root, tmp_path,
 
     # the process dies after the new copy is complete, before it takes the name: the next run
     # finishes the swap
-    monkeypatch.setattr(storage, "_swap_in", lambda destination: (_ for _ in ()).throw(OSError()))
+    monkeypatch.setattr(storage, "_swap_in", lambda *args: (_ for _ in ()).throw(OSError()))
     with pytest.raises(OSError):
         storage.replace_tree(_folder(tmp_path, "v3", "v3"), best)
     monkeypatch.undo()

@@ -160,18 +160,25 @@ def filesystem(location: Location, endpoint: str | None = None) -> tuple[pafs.Fi
     return pafs.LocalFileSystem(), resolve(text)
 
 
-def _type(location: Location) -> pafs.FileType:
-    fs, path = filesystem(location)
+def _at(location: Location, fs: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
+    """``filesystem(location)``, or ``(fs, location)`` when a filesystem is given: the
+    location is then a path within it (a filesystem that travelled to another process keeps
+    its endpoint and credentials; the environment there may lack them)."""
+    return (fs, str(location)) if fs is not None else filesystem(location)
+
+
+def _type(location: Location, fs: pafs.FileSystem | None = None) -> pafs.FileType:
+    fs, path = _at(location, fs)
     return fs.get_file_info(path).type
 
 
-def exists(location: Location) -> bool:
-    return _type(location) != pafs.FileType.NotFound
+def exists(location: Location, fs: pafs.FileSystem | None = None) -> bool:
+    return _type(location, fs) != pafs.FileType.NotFound
 
 
-def is_dir(location: Location) -> bool:
+def is_dir(location: Location, fs: pafs.FileSystem | None = None) -> bool:
     """A folder (an S3 prefix holding objects counts)."""
-    return _type(location) == pafs.FileType.Directory
+    return _type(location, fs) == pafs.FileType.Directory
 
 
 def listdir(location: Location) -> list[str]:
@@ -194,9 +201,17 @@ def read_text(location: Location, endpoint: str | None = None) -> str:
     return read_bytes(location, endpoint).decode("utf-8")
 
 
-def write_bytes(location: Location, data: bytes, endpoint: str | None = None) -> None:
-    fs, path = filesystem(location, endpoint)
-    if is_uri(location) and not isinstance(fs, pafs.LocalFileSystem):
+def write_bytes(
+    location: Location,
+    data: bytes,
+    endpoint: str | None = None,
+    fs: pafs.FileSystem | None = None,
+) -> None:
+    if fs is None:
+        fs, path = filesystem(location, endpoint)
+    else:
+        path = str(location)
+    if not isinstance(fs, pafs.LocalFileSystem):
         with fs.open_output_stream(path) as f:
             f.write(data)
         return
@@ -207,13 +222,15 @@ def write_bytes(location: Location, data: bytes, endpoint: str | None = None) ->
     tmp.replace(target)
 
 
-def write_text(location: Location, text: str, endpoint: str | None = None) -> None:
-    write_bytes(location, text.encode("utf-8"), endpoint)
+def write_text(
+    location: Location, text: str, endpoint: str | None = None, fs: pafs.FileSystem | None = None
+) -> None:
+    write_bytes(location, text.encode("utf-8"), endpoint, fs=fs)
 
 
-def delete_tree(location: Location) -> None:
+def delete_tree(location: Location, fs: pafs.FileSystem | None = None) -> None:
     """Delete a folder (or file) and everything under it; nothing when it does not exist."""
-    fs, path = filesystem(location)
+    fs, path = _at(location, fs)
     kind = fs.get_file_info(path).type
     if kind == pafs.FileType.Directory:
         fs.delete_dir(path)
@@ -222,18 +239,20 @@ def delete_tree(location: Location) -> None:
 
 
 def copy_tree(
-    source: Location | str, destination: Location, source_fs: pafs.FileSystem | None = None
+    source: Location,
+    destination: Location,
+    source_fs: pafs.FileSystem | None = None,
+    fs: pafs.FileSystem | None = None,
 ) -> None:
     """Copy the files under folder ``source`` into ``destination`` (created as needed).
 
-    ``source_fs``: ``source`` is a path within this filesystem (a Ray checkpoint's), not a
-    location.
+    ``source_fs`` / ``fs``: ``source`` / ``destination`` is a path within this filesystem (a
+    Ray checkpoint's, a run storage's), not a location.
     """
-    if source_fs is None:
-        source_fs, source = filesystem(source)
-    dest_fs, dest = filesystem(destination)
+    source_fs, source = _at(source, source_fs)
+    dest_fs, dest = _at(destination, fs)
     dest_fs.create_dir(dest, recursive=True)
-    pafs.copy_files(str(source), dest, source_filesystem=source_fs, destination_filesystem=dest_fs)
+    pafs.copy_files(source, dest, source_filesystem=source_fs, destination_filesystem=dest_fs)
 
 
 # Folder replacement: the new copy goes to `<dst>.incoming`; once it is complete, the marker
@@ -243,42 +262,46 @@ def copy_tree(
 _INCOMING, _MARKER, _OLD = ".incoming", ".replacing", ".old"
 
 
-def _swap_in(destination: str) -> None:
-    """Put ``<destination>.incoming`` (complete) in place of ``destination``."""
-    fs, dest = filesystem(destination)
+def _swap_in(fs: pafs.FileSystem, dest: str) -> None:
+    """Put ``<dest>.incoming`` (complete) in place of ``dest`` (a path within ``fs``)."""
     incoming = dest + _INCOMING
-    if isinstance(fs, pafs.LocalFileSystem):
-        if fs.get_file_info(incoming).type != pafs.FileType.NotFound:
-            if fs.get_file_info(dest).type != pafs.FileType.NotFound:
-                delete_tree(destination + _OLD)
+    if exists(incoming, fs):
+        if isinstance(fs, pafs.LocalFileSystem):
+            if exists(dest, fs):
+                delete_tree(dest + _OLD, fs)
                 fs.move(dest, dest + _OLD)  # renames: the name is without a folder for an instant
             fs.move(incoming, dest)
-        delete_tree(destination + _OLD)
-    else:  # object stores have no folder rename: copy server-side, then drop the staging copy
-        if fs.get_file_info(incoming).type != pafs.FileType.NotFound:
-            delete_tree(destination)
-            copy_tree(incoming, destination, source_fs=fs)
-            delete_tree(destination + _INCOMING)
-    delete_tree(destination + _MARKER)
+        else:  # object stores have no folder rename: copy server-side, then drop the staging copy
+            delete_tree(dest, fs)
+            copy_tree(incoming, dest, source_fs=fs, fs=fs)
+            delete_tree(incoming, fs)
+    delete_tree(dest + _OLD, fs)
+    delete_tree(dest + _MARKER, fs)
 
 
-def recover_tree(destination: Location) -> None:
+def recover_tree(destination: Location, fs: pafs.FileSystem | None = None) -> None:
     """Finish a :func:`replace_tree` of ``destination`` that a dead process left half done
     (the marker is there: the new copy is complete), or drop an incomplete new copy."""
-    destination = resolve(destination)
-    if exists(destination + _MARKER):
-        _swap_in(destination)
+    fs, dest = _at(resolve(destination) if fs is None else destination, fs)
+    if exists(dest + _MARKER, fs):
+        _swap_in(fs, dest)
     else:
-        delete_tree(destination + _INCOMING)
+        delete_tree(dest + _INCOMING, fs)
 
 
 def replace_tree(
-    source: Location | str, destination: Location, source_fs: pafs.FileSystem | None = None
+    source: Location,
+    destination: Location,
+    source_fs: pafs.FileSystem | None = None,
+    fs: pafs.FileSystem | None = None,
 ) -> None:
     """Make ``destination`` a copy of folder ``source``; the previous ``destination`` (if any)
-    is removed only once the new copy is complete, locally and on object stores."""
-    destination = resolve(destination)
-    recover_tree(destination)
-    copy_tree(source, destination + _INCOMING, source_fs=source_fs)
-    write_text(destination + _MARKER, "the new copy in .incoming is complete\n")
-    _swap_in(destination)
+    is removed only once the new copy is complete, locally and on object stores.
+
+    ``source_fs`` / ``fs``: as for :func:`copy_tree`.
+    """
+    fs, dest = _at(resolve(destination) if fs is None else destination, fs)
+    recover_tree(dest, fs)
+    copy_tree(source, dest + _INCOMING, source_fs=source_fs, fs=fs)
+    write_text(dest + _MARKER, "the new copy in .incoming is complete\n", fs=fs)
+    _swap_in(fs, dest)

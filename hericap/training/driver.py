@@ -340,7 +340,7 @@ def _collect(
             return None
         if not local:
             return runs.location(name)
-        storage.replace_tree(runs.location(name), storage.join(run_dir, name))
+        storage.replace_tree(runs.join(name), storage.join(run_dir, name), source_fs=runs.fs)
         return storage.join(run_dir, name)
 
     best_dir = kept("best")

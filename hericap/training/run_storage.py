@@ -90,7 +90,7 @@ class RunStorage:
         return self.fs.get_file_info(self.join(name)).type != pafs.FileType.NotFound
 
     def delete(self, name: str) -> None:
-        storage.delete_tree(self.location(name))
+        storage.delete_tree(self.join(name), fs=self.fs)
 
     def read_json(self, name: str) -> dict[str, Any] | None:
         try:
@@ -151,7 +151,9 @@ class KeepBest(ray.train.UserCallback):
 
     def _kept_score(self, name: str) -> float | None:
         if name not in self._scores:
-            storage.recover_tree(self.storage.location(name))  # a replace a crash cut short
+            # a replacement a crash cut short; the storage's own filesystem (this process, the
+            # Train controller, may lack the endpoint and credentials in its environment)
+            storage.recover_tree(self.storage.join(name), fs=self.storage.fs)
             meta = self.storage.read_json(f"{name}/meta.json")
             self._scores[name] = meta.get(self.metric) if meta else None
         return self._scores[name]
@@ -172,7 +174,10 @@ class KeepBest(ray.train.UserCallback):
             if kept is not None and score <= kept:
                 continue
             storage.replace_tree(
-                checkpoint.path, self.storage.location(name), source_fs=checkpoint.filesystem
+                checkpoint.path,
+                self.storage.join(name),
+                source_fs=checkpoint.filesystem,
+                fs=self.storage.fs,
             )
             self._scores[name] = score
             logger.info("%s: epoch %s, %s %.4f", name, metrics[0].get("epoch"), self.metric, score)
