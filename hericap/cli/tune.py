@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from pathlib import Path
 
 from hericap.cli.common import EXIT_INTERRUPTED
 
@@ -20,7 +19,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     storage.check_location(args.output_dir, "--output-dir")
     space = load_space(args.space, args.overrides)  # every value a trial can get is checked
-    name = args.name or Path(args.space).stem
+    name = args.name or storage.basename(args.space).removesuffix(".yml").removesuffix(".yaml")
     sweep_root = storage.join(storage.resolve(args.output_dir), name)
     # before Ray starts; --overwrite deletes only once every check has passed (in run_sweep)
     claim_sweep(sweep_root, args.resume, args.overwrite, delete=False)

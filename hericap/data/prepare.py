@@ -163,15 +163,19 @@ def plan_shards(records: Iterable[Record], shard_rows: int) -> list[ShardPlan]:
 
 
 def _read_image_file(path: str) -> bytes:
-    p = Path(path)
-    if not p.exists():
+    """An image file's bytes (a local path or a URI); a reason when it cannot be read."""
+    try:
+        kind = storage.file_type(path)
+    except OSError as e:
+        raise ValueError(f"unreadable file: {e}") from e
+    if kind == "missing":
         raise ValueError("missing image file")
-    if not p.is_file():
+    if kind != "file":
         raise ValueError("not a regular file")
     try:
-        return p.read_bytes()
+        return storage.read_bytes(path)
     except OSError as e:
-        raise ValueError(f"unreadable file: {e.strerror or e}") from e
+        raise ValueError(f"unreadable file: {getattr(e, 'strerror', None) or e}") from e
 
 
 def build_shard(plan: ShardPlan, out: str, source: str) -> dict[str, Any]:

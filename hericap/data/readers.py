@@ -11,7 +11,8 @@ Formats:
 * nocaps (``nocap_val_4500_captions.json``, ``nocap_test_image_info.json``): COCO format with a
   ``domain`` per image (in-domain, near-domain, out-domain); test has no captions.
 
-Default locations follow the seed README's ``DATA_ROOT`` layout (:data:`DEFAULT_LAYOUT`).
+Default locations follow the seed README's ``DATA_ROOT`` layout (:data:`DEFAULT_LAYOUT`). Files
+and image folders may be local or URIs (``s3://...``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from hericap.data import storage
 
 __all__ = [
     "DEFAULT_LAYOUT",
@@ -65,10 +68,11 @@ KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "
 
 
 def _load_json(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"annotation file not found: {p}")
-    return json.loads(p.read_text())
+    """An annotation file (a local path or a URI)."""
+    try:
+        return json.loads(storage.read_text(path))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"annotation file not found: {path}") from e
 
 
 def read_karpathy(annotations: str | Path, images: str | Path, source: str) -> list[Record]:
@@ -88,7 +92,7 @@ def read_karpathy(annotations: str | Path, images: str | Path, source: str) -> l
         split = KARPATHY_SPLITS.get(entry.get("split", ""))
         if split is None:
             raise ValueError(f"{annotations}: unknown split {entry.get('split')!r} in {entry}")
-        rel = Path(entry.get("filepath", ""), entry["filename"])
+        rel = "/".join(p for p in (entry.get("filepath", ""), entry["filename"]) if p)
         image_id = str(entry.get("cocoid", Path(entry["filename"]).stem))
         extra = {"karpathy_split": entry["split"]}
         if "imgid" in entry:
@@ -97,7 +101,7 @@ def read_karpathy(annotations: str | Path, images: str | Path, source: str) -> l
             Record(
                 image_id=image_id,
                 split=split,
-                path=str(Path(images) / rel),
+                path=storage.join(images, rel),
                 captions=[s.get("raw", " ".join(s.get("tokens", []))) for s in entry["sentences"]],
                 file_name=str(rel),
                 extra=extra,
@@ -122,7 +126,7 @@ def _coco_records(
             Record(
                 image_id=image_id,
                 split=split,
-                path=str(Path(images) / im["file_name"]),
+                path=storage.join(images, im["file_name"]),
                 captions=captions.get(image_id, []),
                 file_name=im["file_name"],
                 extra={k: str(im[k]) for k in extra_keys if k in im},
@@ -143,7 +147,8 @@ def read_coco_captions(
         raise ValueError(f"{annotations} is not a COCO caption file (needs images, annotations)")
     keep = None
     if split_list:
-        keep = {line.strip() for line in Path(split_list).read_text().splitlines() if line.strip()}
+        lines = storage.read_text(split_list).splitlines()
+        keep = {line.strip() for line in lines if line.strip()}
     records = _coco_records(body, images, split, keep, extra_keys=("coco_url",))
     logger.info("coco captions: %d images (%s) in %s", len(records), split, annotations)
     return records

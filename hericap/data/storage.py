@@ -37,6 +37,7 @@ __all__ = [
     "copy_tree",
     "delete_tree",
     "exists",
+    "file_type",
     "filesystem",
     "is_dir",
     "is_s3",
@@ -174,6 +175,14 @@ def _type(location: Location, fs: pafs.FileSystem | None = None) -> pafs.FileTyp
 
 def exists(location: Location, fs: pafs.FileSystem | None = None) -> bool:
     return _type(location, fs) != pafs.FileType.NotFound
+
+
+def file_type(location: Location) -> str:
+    """``"file"``, ``"dir"`` or ``"missing"``."""
+    kind = _type(location)
+    if kind == pafs.FileType.NotFound:
+        return "missing"
+    return "dir" if kind == pafs.FileType.Directory else "file"
 
 
 def is_dir(location: Location, fs: pafs.FileSystem | None = None) -> bool:

@@ -156,7 +156,7 @@ def load_space(path: str | Path, extra_overrides: list[str] = ()) -> SweepSpace:
     """Read and check a space file before anything runs: unknown keys or samplers are errors,
     and every value a trial can get (each choice, both ends of each range) must give a config
     that passes :func:`~hericap.runtime.preflight.check_config`."""
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw = yaml.safe_load(storage.read_text(path)) or {}
     unknown = set(raw) - SPACE_KEYS
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(SPACE_KEYS)}")
