@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import os
-from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -28,17 +27,18 @@ def _per_split(values: list[str] | None, flag: str) -> tuple[str | None, dict[st
     return plain, keyed
 
 
-def _sources(args: argparse.Namespace, root: Path):
+def _sources(args: argparse.Namespace, root: str):
     """The split sources of the command line: several ``--split SPLIT=FILE``, or one file."""
+    from hericap.data import storage
     from hericap.data.readers import DEFAULT_LAYOUT, SplitSource
 
     layout = DEFAULT_LAYOUT[args.dataset]
     split, split_files = _per_split(args.split, "--split")
     images, split_images = _per_split(args.images, "--images")
     split_list, split_lists = _per_split(args.split_list, "--split-list")
-    default_images = images or str(root / layout["images"])
+    default_images = images or storage.join(root, layout["images"])
     if not split_files:
-        annotations = args.annotations or str(root / layout["annotations"])
+        annotations = args.annotations or storage.join(root, layout["annotations"])
         name = split or "val"
         return [
             SplitSource(
@@ -67,7 +67,7 @@ def _prepare_real(args: argparse.Namespace):
     from hericap.runtime.cluster import ray_session
     from hericap.runtime.datasets import run_on_ray
 
-    root = Path(args.root or os.environ.get("DATA_ROOT", "data"))
+    root = args.root or os.environ.get("DATA_ROOT", "data")  # a folder or a URI
     sources = _sources(args, root)
     if args.dataset in KARPATHY_DATASETS:
         (source,) = sources

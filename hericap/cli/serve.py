@@ -52,6 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_caption(args: argparse.Namespace) -> int:
     """Caption image files with a checkpoint (a folder or a URI; no Ray) on CUDA when present,
     else the CPU; optionally draw attention maps (on the CPU)."""
+    from hericap.data import storage
     from hericap.serve.images import ImageLimits, UploadRejectedError, open_upload
     from hericap.serve.service import CaptionService
 
@@ -61,7 +62,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     failures = 0
     for i, path in enumerate(args.images):
         try:
-            image = open_upload(Path(path).read_bytes(), ImageLimits())
+            image = open_upload(storage.read_bytes(path), ImageLimits())
         except (OSError, UploadRejectedError) as e:
             logger.error("%s: %s", path, e)
             failures += 1
