@@ -1,20 +1,18 @@
-"""The paper-size model on one GPU: XE and SCST optimiser steps, and the Serve endpoint.
+"""The paper-size model on one GPU: XE and SCST optimiser steps.
 
 * XE: teacher-forced cross-entropy steps of the ``paper`` preset (Swin-B window 12 at 384x640
   with the extra stride-64 stage, 150-query Deformable DETR, 3 grid / 3 global / 3 decoder
   layers) on random images and captions, bf16 autocast where the GPU supports it, AdamW.
 * SCST: self-critical steps of the same model (``beam_mean`` baseline, 5 beams, CIDEr-D reward
   against random references).
-* Serve: an untrained checkpoint of that model behind the Ray Serve application on a local
-  cluster, one replica with ``--replica-gpus`` GPUs, ``--requests`` JPEG requests (real photos
-  from ``skimage.data``) at ``--concurrency``.
 
-Reports steps/s and images/s, the peak GPU memory of each training section, the batch sizes;
-prints one JSON object on its last line. ``--device cpu`` with ``--preset tiny`` runs every path
-at toy size (the smoke test); the figures that matter come from ``benchmarks/gpu_check.sh``.
+Reports steps/s and images/s, the peak GPU memory of each section and the batch size; prints
+one JSON object on its last line. ``--device cpu`` with ``--preset tiny`` runs every path at toy
+size (the smoke test). ``benchmarks/gpu_check.sh`` runs it with the GPU tests and the Serve
+benchmark (``bench_serve.py --preset paper --replica-gpus 0.5``).
 
     python benchmarks/bench_gpu.py [--device cuda] [--preset paper] [--batch-size 32]
-        [--steps 10] [--requests 256] [--concurrency 32]
+        [--steps 10] [--warmup 2]
 """
 
 from __future__ import annotations
@@ -22,15 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from hericap.checkpoint import save_checkpoint
 from hericap.config.loader import load_config
 from hericap.data.text import Vocabulary
 from hericap.data.transforms import resize_spec
@@ -125,85 +119,6 @@ def bench_training(cfg, device: torch.device, batch: int, steps: int, warmup: in
     return {"xe": xe, "scst": sc}
 
 
-def _photos() -> list[bytes]:
-    import io
-
-    from PIL import Image
-    from skimage import data
-
-    out = []
-    for array in (data.astronaut(), data.coffee(), data.chelsea(), data.rocket()):
-        buf = io.BytesIO()
-        Image.fromarray(array).save(buf, format="JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
-
-
-def bench_serve(cfg, args: argparse.Namespace, folder: Path) -> dict:
-    """The Serve application with one replica (``--replica-gpus``) under load."""
-    import requests
-    from ray import serve
-
-    from hericap.runtime.cluster import init_ray
-    from hericap.serve.app import build_app
-
-    vocab = Vocabulary(WORDS, min_count=1)
-    torch.manual_seed(0)
-    model = build_captioner(cfg.model, len(vocab), resize_spec(cfg.dataset).model_size)
-    ckpt = save_checkpoint(folder / "ckpt", model, cfg, vocab, meta={"epoch": 0})
-    init_ray()
-    port = args.port
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app(
-        {
-            "checkpoint": ckpt,
-            "beam_size": cfg.decode.test_beam_size,
-            "n_best": 1,
-            "max_len": cfg.decode.max_len,
-            "max_batch_size": args.max_batch_size,
-            "batch_wait_timeout_s": 0.05,
-            "num_cpus": 1.0,
-            "num_gpus": args.replica_gpus,
-            "torch_threads": 1,
-        }
-    )
-    serve.run(app, name="bench_gpu", route_prefix="/bench_gpu", blocking=False)
-    url = f"http://127.0.0.1:{port}/bench_gpu"
-    photos = _photos()
-
-    def post(i: int) -> tuple[float, int, int, str]:
-        t0 = time.perf_counter()
-        r = requests.post(
-            f"{url}/caption",
-            data=photos[i % len(photos)],
-            headers={"Content-Type": "image/jpeg"},
-            timeout=600,
-        )
-        body = r.json() if r.ok else {}
-        return time.perf_counter() - t0, r.status_code, body.get("timing", {}).get("batch_size", 0)
-
-    try:
-        health = requests.get(f"{url}/healthz", timeout=600).json()
-        with ThreadPoolExecutor(args.concurrency) as pool:  # warm-up: one full round
-            list(pool.map(post, range(args.concurrency)))
-            t0 = time.perf_counter()
-            results = list(pool.map(post, range(args.requests)))
-            wall = time.perf_counter() - t0
-    finally:
-        serve.shutdown()
-    latencies = np.array([r[0] for r in results]) * 1000
-    return {
-        "device": health.get("device"),
-        "replica_gpus": args.replica_gpus,
-        "max_batch_size": args.max_batch_size,
-        "images_per_s": round(len(results) / wall, 2),
-        "p50_ms": round(float(np.percentile(latencies, 50)), 1),
-        "p99_ms": round(float(np.percentile(latencies, 99)), 1),
-        "mean_batch": round(float(np.mean([r[2] for r in results])), 2),
-        "errors": sum(1 for r in results if r[1] != 200),
-    }
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default=None, help="cuda, cpu (default: CUDA when present)")
@@ -212,16 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=32, help="images per step (paper: 32/GPU)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--requests", type=int, default=256)
-    p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--max-batch-size", type=int, default=16)
-    p.add_argument("--replica-gpus", type=float, default=None, help="default: 1 on CUDA, else 0")
-    p.add_argument("--port", type=int, default=8123)
-    p.add_argument("--no-serve", action="store_true")
     args = p.parse_args(argv)
     device = pick_device(args.device)
-    if args.replica_gpus is None:
-        args.replica_gpus = 1.0 if device.type == "cuda" else 0.0
     cfg = load_config([f"preset={args.preset}", *args.overrides])
     result: dict = {
         "bench": "gpu",
@@ -232,9 +139,6 @@ def main(argv: list[str] | None = None) -> dict:
         "bf16": device.type == "cuda" and torch.cuda.is_bf16_supported(),
     }
     result |= bench_training(cfg, device, args.batch_size, args.steps, args.warmup)
-    if not args.no_serve:
-        with tempfile.TemporaryDirectory() as tmp:
-            result["serve"] = bench_serve(cfg, args, Path(tmp))
     print(json.dumps(result))
     return result
 

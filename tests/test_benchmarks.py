@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import free_port
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -78,18 +77,15 @@ def test_bench_serve_runs_both_configurations(ray_cluster, capsys):
     assert out["batched"]["errors"] == 0 and out["unbatched"]["errors"] == 0
     assert out["requests"] >= 2 and len(out["round_ratios"]) == 1
     assert {"throughput_ratio", "p99_ratio", "model_only"} <= set(out)
+    assert out["device"] == "cpu" and out["preset"] == "demo"
 
 
-@pytest.mark.ray
-def test_bench_gpu_runs_every_path_at_toy_size_on_cpu(ray_cluster, capsys):
-    """What benchmarks/gpu_check.sh runs on a GPU, here on the CPU at toy size: XE and SCST
-    steps, and the Serve endpoint under load."""
+def test_bench_gpu_runs_xe_and_scst_steps_at_toy_size_on_cpu(capsys):
+    """What benchmarks/gpu_check.sh runs at paper size on a GPU, here on the CPU at toy size
+    (the Serve half of the GPU check is bench_serve.py, tested above)."""
     argv = ["--device", "cpu", "--preset", "tiny", "--batch-size", "2", "--steps", "1"]
-    argv += ["--warmup", "1", "--requests", "4", "--concurrency", "2", "--max-batch-size", "2"]
-    argv += ["--port", str(free_port()), "--overrides", "decode.test_beam_size=2"]
-    out = _run("bench_gpu", [*argv, "decode.max_len=6"], capsys)
-    assert out["device"] == "cpu" and out["gpu"] is None
+    out = _run("bench_gpu", [*argv, "--warmup", "1", "--overrides", "decode.max_len=6"], capsys)
+    assert out["device"] == "cpu" and out["gpu"] is None and out["image_size"] == [64, 64]
     for section in ("xe", "scst"):
         assert out[section]["steps_per_s"] > 0 and out[section]["batch_size"] == 2
-    assert out["serve"]["errors"] == 0 and out["serve"]["device"] == "cpu"
-    assert out["serve"]["images_per_s"] > 0
+        assert out[section]["peak_memory_gb"] is None  # measured on CUDA only
