@@ -64,7 +64,7 @@ def _sources(args: argparse.Namespace, root: str):
 def _prepare_real(args: argparse.Namespace):
     from hericap.data.prepare import prepare_records
     from hericap.data.readers import KARPATHY_DATASETS, READERS, read_splits
-    from hericap.runtime.cluster import ray_session
+    from hericap.runtime.cluster import check_shared_locations, ray_session
     from hericap.runtime.datasets import run_on_ray
 
     root = args.root or os.environ.get("DATA_ROOT", "data")  # a folder or a URI
@@ -81,6 +81,12 @@ def _prepare_real(args: argparse.Namespace):
         }
     }
     with ray_session(args.ray_address, None):
+        # the shard builds run as Ray tasks on any node: they read the images and write the
+        # shards there
+        check_shared_locations(
+            {"--out": args.out} | {f"--images ({s.split})": s.images for s in sources},
+            "preparing shards",
+        )
         return prepare_records(
             records,
             args.out,

@@ -25,8 +25,8 @@ from hericap.config.loader import to_dict
 from hericap.config.schema import Config
 from hericap.data import storage
 from hericap.data.augment import train_augmentation
-from hericap.data.catalog import ensure_shards, first_image_ids, shard_dir
-from hericap.data.shards import Manifest, read_rows
+from hericap.data.catalog import ensure_shards, first_image_ids, seed_layout, shard_dir
+from hericap.data.shards import MANIFEST_NAME, Manifest, read_rows
 from hericap.data.text import Vocabulary
 from hericap.data.transforms import resize_spec
 from hericap.runtime.cluster import check_resources, check_shared_locations
@@ -81,12 +81,12 @@ def check_cluster(cfg: Config) -> None:
         ConfigError: a plain path that workers on other nodes would use (multi-node cluster).
         NotEnoughResourcesError: not enough CPUs or GPUs for ``exp.world_size`` workers.
     """
-    locations = {
-        "exp.storage_path": storage_location(cfg),
-        "dataset.shard_dir": shard_dir(cfg),
-    }
+    shards = shard_dir(cfg)
+    locations = {"exp.storage_path": storage_location(cfg), "dataset.shard_dir": shards}
     if not cfg.exp.resume:
         locations.update(weight_files(cfg))
+    if seed_layout(cfg) and not storage.exists(storage.join(shards, MANIFEST_NAME)):
+        locations["dataset.root"] = cfg.dataset.root  # its images are read by Ray tasks
     check_shared_locations(locations, "training")
     fix = (
         "To run on CPU: exp.ngpus_per_node=0 exp.world_size=N (N CPU workers)"
