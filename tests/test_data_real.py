@@ -418,3 +418,27 @@ def test_training_on_a_seed_dataset_without_shards_prepares_them_from_dataset_ro
     cfg.dataset.shard_dir = str(tmp_path / "none")
     with pytest.raises(FileNotFoundError, match=r"dataset_flickr8k\.json under dataset.root"):
         ensure_shards(cfg)
+
+
+def test_raw_files_in_s3_become_shards_in_s3(moto_server, tmp_path):
+    """Nothing local: the annotation file and the images are read from a bucket, the shards go
+    to one; the same skips and normalisations as from a folder."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=moto_server)
+    s3.create_bucket(Bucket="raw")
+    ann = _flickr_folder(tmp_path / "flickr8K")
+    for path in sorted(p for p in (tmp_path / "flickr8K").rglob("*") if p.is_file()):
+        s3.put_object(
+            Bucket="raw",
+            Key=f"f8k/{path.relative_to(tmp_path / 'flickr8K')}",
+            Body=path.read_bytes(),
+        )
+    records = read_karpathy(f"s3://raw/f8k/{ann.name}", "s3://raw/f8k/images", "flickr8k")
+    assert records[0].path == "s3://raw/f8k/images/good.jpg"
+    m = prepare_records(records, "s3://raw/shards", "flickr8k", min_count=1, progress=False)
+    assert m.counts == {"train": 4, "val": 1, "test": 1}
+    report = json.loads(s3.get_object(Bucket="raw", Key="shards/report.json")["Body"].read())
+    reasons = {s["file"]: s["reason"] for s in report["skipped"] if "caption_index" not in s}
+    assert reasons["missing.jpg"] == "missing image file"
+    assert reasons["empty.jpg"] == "empty file (0 bytes)"
