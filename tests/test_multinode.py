@@ -2,16 +2,16 @@
 127.0.0.1): a head with ``num_cpus=0`` (as the shipped KubeRay head) and two worker nodes of their
 own raylets (``tests/multinode_cluster.py``, its own temp folder and ports, stopped by PID).
 
-* The shipped configs run as written: the RayJob's entrypoint (the command the RayCluster and
-  AWS configs document too), submitted with ``ray job submit``, trains 2 workers on 2 nodes from
-  S3 shards written by ``hericap prepare synthetic --out s3://...``, keeps checkpoints and the
-  best in S3, and scores the test split with inference actors on the worker nodes reading the
-  best checkpoint from S3; the RayService's serve config, deployed with ``serve deploy``, serves
-  that best checkpoint from S3; ``hericap caption`` captions with it.
 * A local ``exp.storage_path`` on this cluster is refused before anything starts.
-* A 2-trial sweep with its shards, trials, checkpoints and export in S3 is Ctrl-C'd, refused
-  without ``--resume``/``--overwrite``, resumed (the finished trial is not rerun), and its
-  exported best is served by ``hericap serve --best s3://...``.
+* The whole flow with everything in S3, the shipped configs run as written: the RayJob's
+  entrypoint (the command the RayCluster and AWS configs document too), submitted with
+  ``ray job submit``, trains 2 workers on 2 nodes from S3 shards written by ``hericap prepare
+  synthetic --out s3://...``, keeps checkpoints and the best in S3, and scores the test split
+  with inference actors that get the best checkpoint from S3; a 2-trial sweep with its shards,
+  trials, checkpoints and export in S3 is Ctrl-C'd, refused without ``--resume`` /
+  ``--overwrite``, resumed (the finished trial is not rerun); the RayService's serve config and
+  the one ``hericap serve --best s3://...`` writes for the sweep's export, deployed together
+  with ``serve deploy``, serve both from S3; ``hericap caption`` captions with the best.
 
 Only the sizes change (toy model, CPU, small data): each run's command is otherwise the shipped
 one.
@@ -218,64 +218,6 @@ def _caption(url: str) -> dict:
     return r.json()
 
 
-@pytest.mark.java  # the job scores the test split with the coco-caption toolkit
-def test_the_shipped_rayjob_and_rayservice_train_score_and_serve_from_s3_on_two_nodes(
-    cluster, moto_server, tmp_path, capsys
-):
-    s3 = _s3(moto_server)
-    job = _yaml("kuberay/rayjob.yaml")["spec"]
-    python, script, *args = shlex.split(job["entrypoint"])
-    script = str(REPO / script.removeprefix("/home/ray/hericap/"))  # the image's WORKDIR
-    args = [a.replace("BUCKET", BUCKET) for a in args]
-    logs = _job(cluster, [python, script, *args, *CPU_TOY], yaml.safe_load(job["runtimeEnvYAML"]))
-    assert "best checkpoint: epoch 1" in logs and "CIDEr" in logs  # trained, then scored test
-
-    keys = _keys(s3, "hericap/")
-    assert any(k.startswith("hericap/runs/train/checkpoint_") for k in keys)
-    assert {"hericap/runs/best/model.pt", "hericap/runs/best/meta.json"} <= keys
-    # the run folder is in S3 too: logs and the test scores of the best (read from S3)
-    run = "hericap/outputs/caption_finetune_region"
-    assert {f"{run}/metrics.csv", f"{run}/test_scores.json"} <= keys
-    best = json.loads(
-        s3.get_object(Bucket=BUCKET, Key="hericap/runs/best/meta.json")["Body"].read()
-    )
-    assert best["epoch"] == 0 and best["worker_nodes"] == 2  # DDP across the two worker nodes
-    scores = json.loads(s3.get_object(Bucket=BUCKET, Key=f"{run}/test_scores.json")["Body"].read())
-    assert scores["num_images"] == 8 and scores["checkpoint"] == f"s3://{BUCKET}/hericap/runs/best"
-
-    # the RayService's serve config: replicas on the worker nodes load the best from S3
-    service = yaml.safe_load(_yaml("kuberay/rayservice.yaml")["spec"]["serveConfigV2"])
-    (app,) = service["applications"]
-    app["args"]["checkpoint"] = app["args"]["checkpoint"].replace("BUCKET", BUCKET)
-    assert app["args"]["checkpoint"] == f"s3://{BUCKET}/hericap/runs/best"
-    # CPU replicas of 1 CPU (the shipped ones take a GPU and 4 CPUs)
-    app["args"] |= {"num_cpus": 1, "num_gpus": 0, "torch_threads": 1}
-    app["args"]["autoscaling"] = {"min_replicas": 1, "max_replicas": 1}
-    port = free_port()
-    service["http_options"] = {"host": "127.0.0.1", "port": port}  # what KubeRay sets
-    config = tmp_path / "serve.yaml"
-    config.write_text(yaml.safe_dump(service))
-    serve = [str(BIN / "serve"), "deploy", str(config), "--address", cluster["dashboard"]]
-    deployed = subprocess.run(serve, env=cluster["env"], capture_output=True, text=True)
-    assert deployed.returncode == 0, deployed.stderr[-3000:]
-    url = f"http://127.0.0.1:{port}"
-    try:
-        assert _wait_healthy(url)["model"] == "runs/epoch1"
-        assert _caption(url)["model"] == "runs/epoch1"
-    finally:
-        shutdown = [str(BIN / "serve"), "shutdown", "-y", "--address", cluster["dashboard"]]
-        subprocess.run(shutdown, env=cluster["env"], capture_output=True)
-
-    # `hericap caption` with the S3 checkpoint (no Ray)
-    from skimage import data
-
-    photo = tmp_path / "astronaut.jpg"
-    photo.write_bytes(jpeg(data.astronaut()))
-    capsys.readouterr()
-    assert main(["caption", str(photo), "--checkpoint", f"s3://{BUCKET}/hericap/runs/best"]) == 0
-    assert capsys.readouterr().out.startswith(f"{photo}\t")
-
-
 def test_a_local_storage_path_on_a_multi_node_cluster_is_refused_before_anything_starts(
     cluster, tmp_path
 ):
@@ -300,19 +242,39 @@ def _finished_trials(temp_dir: str) -> dict[str, str]:
     return out
 
 
-def test_an_s3_sweep_on_two_nodes_is_interrupted_resumed_exported_and_served(
-    cluster, moto_server, tmp_path
-):
-    """`hericap tune` on the multi-node cluster with --output-dir in S3, Ctrl-C'd (SIGINT) as
-    soon as its first trial has finished, while the second one runs; --resume restores it
-    (Tuner.restore) without rerunning the finished trial; the best trial's checkpoint is
-    exported to S3, and `hericap serve --best s3://...` serves it."""
-    s3 = _s3(moto_server)
-    space = REPO / "tune_spaces" / "tiny_cpu.yaml"
+def _run_the_rayjob(cluster: dict, s3) -> None:
+    """The RayJob's entrypoint through `ray job submit`: trains 2 workers on the 2 worker nodes
+    from the S3 shards, keeps checkpoints, the best and the run folder in S3, and scores the
+    test split with inference actors that get the best checkpoint from S3."""
+    job = _yaml("kuberay/rayjob.yaml")["spec"]
+    python, script, *args = shlex.split(job["entrypoint"])
+    script = str(REPO / script.removeprefix("/home/ray/hericap/"))  # the image's WORKDIR
+    args = [a.replace("BUCKET", BUCKET) for a in args]
+    logs = _job(cluster, [python, script, *args, *CPU_TOY], yaml.safe_load(job["runtimeEnvYAML"]))
+    assert "best checkpoint: epoch 1" in logs and "CIDEr" in logs  # trained, then scored test
+
+    keys = _keys(s3, "hericap/")
+    assert any(k.startswith("hericap/runs/train/checkpoint_") for k in keys)
+    assert {"hericap/runs/best/model.pt", "hericap/runs/best/meta.json"} <= keys
+    run = "hericap/outputs/caption_finetune_region"  # the run folder, in S3 too
+    assert {f"{run}/metrics.csv", f"{run}/test_scores.json"} <= keys
+    best = json.loads(
+        s3.get_object(Bucket=BUCKET, Key="hericap/runs/best/meta.json")["Body"].read()
+    )
+    assert best["epoch"] == 0 and best["worker_nodes"] == 2  # DDP across the two worker nodes
+    scores = json.loads(s3.get_object(Bucket=BUCKET, Key=f"{run}/test_scores.json")["Body"].read())
+    assert scores["num_images"] == 8 and scores["checkpoint"] == f"s3://{BUCKET}/hericap/runs/best"
+
+
+def _run_the_sweep(cluster: dict, s3, tmp_path: Path) -> str:
+    """`hericap tune` on the cluster with --output-dir in S3, Ctrl-C'd (SIGINT) as soon as its
+    first trial has finished, while the second one runs; the same command again is refused
+    (neither --resume nor --overwrite); --resume restores it (Tuner.restore) without rerunning
+    the finished trial, and exports the best trial's checkpoint to S3. Returns the sweep."""
     sweeps = f"s3://{BUCKET}/sweeps"
     experiment = "sweeps/tiny/sweep"
-    common = ["--space", str(space), f"dataset.shard_dir={sweeps}/shards", "--name", "tiny"]
-    common += ["--output-dir", sweeps]
+    common = ["--space", str(REPO / "tune_spaces" / "tiny_cpu.yaml"), "--name", "tiny"]
+    common += [f"dataset.shard_dir={sweeps}/shards", "--output-dir", sweeps]
     cmd = [sys.executable, "-m", "hericap.cli", "tune", *common]
     cmd += ["--ray-address", cluster["address"]]
     log_path = tmp_path / "tune.log"
@@ -346,11 +308,8 @@ def test_an_s3_sweep_on_two_nodes_is_interrupted_resumed_exported_and_served(
 
     before = results_in_s3()
     assert set(finished) <= set(before)
+    assert main(["tune", *common]) == 2  # refused before Ray starts: nothing is replaced
 
-    # the same command again, neither resuming nor overwriting: refused before Ray starts
-    assert main(["tune", *common]) == 2
-
-    # --resume: the finished trial is not run again, the interrupted one is completed
     resume = subprocess.run(
         [*cmd, "--resume"], cwd=REPO, capture_output=True, text=True, env=cluster["env"]
     )
@@ -372,20 +331,58 @@ def test_an_s3_sweep_on_two_nodes_is_interrupted_resumed_exported_and_served(
         saved["model"]["cap_generator"]["decoder_name"]
         == trial["params"]["model.cap_generator.decoder_name"]
     )
+    return f"{sweeps}/tiny"
 
+
+def _serve_both(cluster: dict, sweep: str, tmp_path: Path) -> None:
+    """One `serve deploy` of the RayService's application (the RayJob's best, from S3) and of
+    the one `hericap serve --best SWEEP --write-config` writes for the sweep's export: their
+    replicas, on the worker nodes, load the checkpoints from S3 themselves."""
+    service = yaml.safe_load(_yaml("kuberay/rayservice.yaml")["spec"]["serveConfigV2"])
+    (app,) = service["applications"]
+    app["args"]["checkpoint"] = app["args"]["checkpoint"].replace("BUCKET", BUCKET)
+    assert app["args"]["checkpoint"] == f"s3://{BUCKET}/hericap/runs/best"
+    # CPU replicas of 1 CPU (the shipped ones take a GPU and 4 CPUs)
+    app["args"] |= {"num_cpus": 1, "num_gpus": 0, "torch_threads": 1}
+    app["args"]["autoscaling"] = {"min_replicas": 1, "max_replicas": 1}
+    written = tmp_path / "sweep_serve.yaml"
+    assert main(["serve", "--best", sweep, "--write-config", str(written)]) == 0
+    (swept,) = yaml.safe_load(written.read_text())["applications"]
+    assert swept["args"]["checkpoint"] == f"{sweep}/best"
+    swept |= {"name": "sweep", "route_prefix": "/sweep", "runtime_env": app["runtime_env"]}
     port = free_port()
-    serve = [sys.executable, "-m", "hericap.cli", "serve", "--best", f"{sweeps}/tiny"]
-    serve += ["--port", str(port), "--replica-cpus", "1", "--ray-address", cluster["address"]]
-    server = subprocess.Popen(
-        serve, env=cluster["env"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    service["applications"].append(swept)
+    service["http_options"] = {"host": "127.0.0.1", "port": port}  # what KubeRay sets
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump(service))
+    serve = [str(BIN / "serve"), "deploy", str(config), "--address", cluster["dashboard"]]
+    deployed = subprocess.run(serve, env=cluster["env"], capture_output=True, text=True)
+    assert deployed.returncode == 0, deployed.stderr[-3000:]
+    url = f"http://127.0.0.1:{port}"
     try:
-        url = f"http://127.0.0.1:{port}"
-        assert _wait_healthy(url)["model"].startswith("tiny/epoch")
-        assert _caption(url)["caption"]
+        assert _wait_healthy(url)["model"] == "runs/epoch1"
+        assert _caption(url)["model"] == "runs/epoch1"
+        assert _wait_healthy(f"{url}/sweep")["model"].startswith("tiny/epoch")
+        assert _caption(f"{url}/sweep")["caption"]
     finally:
-        server.send_signal(signal.SIGINT)  # `hericap serve` shuts its application down
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        shutdown = [str(BIN / "serve"), "shutdown", "-y", "--address", cluster["dashboard"]]
+        subprocess.run(shutdown, env=cluster["env"], capture_output=True)
+
+
+@pytest.mark.java  # the RayJob scores the test split with the coco-caption toolkit
+def test_the_shipped_configs_train_score_tune_and_serve_from_s3_on_two_nodes(
+    cluster, moto_server, tmp_path, capsys
+):
+    """prepare (the fixture) -> train -> eval -> tune -> serve -> caption, everything in S3:
+    the RayJob, a sweep, the RayService with the sweep's export beside it, `hericap caption`."""
+    from skimage import data
+
+    s3 = _s3(moto_server)
+    _run_the_rayjob(cluster, s3)
+    sweep = _run_the_sweep(cluster, s3, tmp_path)
+    _serve_both(cluster, sweep, tmp_path)
+    photo = tmp_path / "astronaut.jpg"
+    photo.write_bytes(jpeg(data.astronaut()))
+    capsys.readouterr()
+    assert main(["caption", str(photo), "--checkpoint", f"s3://{BUCKET}/hericap/runs/best"]) == 0
+    assert capsys.readouterr().out.startswith(f"{photo}\t")
