@@ -161,8 +161,8 @@ def _job(cluster: dict, argv: list[str], runtime_env: dict, timeout: float = 600
     """``ray job submit`` ``argv``, wait for the end; returns the logs (asserts success)."""
     ray, address, env = str(BIN / "ray"), cluster["dashboard"], cluster["env"]
     job_id = f"hericap-{os.getpid()}-{int(time.time())}"
-    deadline = time.time() + 120
-    while True:  # the job agents come up a little after the nodes
+    deadline = time.time() + 300
+    while True:  # the head's job agent comes up after the nodes (minutes on a loaded machine)
         submit = subprocess.run(
             [
                 *(ray, "job", "submit", "--address", address, "--submission-id", job_id),
