@@ -12,12 +12,13 @@ are :mod:`hericap.runtime.cluster`'s. Nothing here imports Ray.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 
 import torch
 
-from hericap.config.loader import ConfigError, to_dict
+from hericap.config.loader import ConfigError, from_dict, to_dict
 from hericap.config.schema import Config
 from hericap.data import storage
 from hericap.data.readers import READERS
@@ -52,17 +53,25 @@ def weight_files(cfg: Config) -> dict[str, str | None]:
     }
 
 
-def _check_model(cfg: Config) -> None:
-    """Build the model on the meta device; refuse a canvas the coarsest stride does not divide."""
+@functools.lru_cache(maxsize=64)
+def _coarsest_stride(model_json: str, model_size: int | tuple[int, int]) -> int:
+    """Build the model section on the meta device (cached: a sweep's trials share models);
+    returns its coarsest stride."""
     from hericap.models.builder import build_captioner
 
-    spec = resize_spec(cfg.dataset)
+    model_cfg = from_dict({"model": json.loads(model_json)}).model
     try:
         with torch.device("meta"):
-            model = build_captioner(cfg.model, 16, spec.model_size, load_pretrained=False)
+            model = build_captioner(model_cfg, 16, model_size, load_pretrained=False)
     except (ValueError, TypeError, AssertionError, RuntimeError, KeyError) as e:
         raise ConfigError(f"the model section cannot be built: {e}") from e
-    stride = model.input_multiple
+    return model.input_multiple
+
+
+def _check_model(cfg: Config) -> None:
+    """Build the model on the meta device; refuse a canvas the coarsest stride does not divide."""
+    model_json = json.dumps(to_dict(cfg)["model"], sort_keys=True)
+    stride = _coarsest_stride(model_json, resize_spec(cfg.dataset).model_size)
     sides = {"dataset.image_size": cfg.dataset.image_size}
     if cfg.dataset.resize != "square":
         sides = {"dataset.min_size": cfg.dataset.min_size, "dataset.max_size": cfg.dataset.max_size}
