@@ -178,6 +178,11 @@ def test_asking_for_missing_gpus_is_a_clear_error(ray_cluster, tiny_shards, tmp_
     )
     with pytest.raises(RuntimeError, match=r"exp\.ngpus_per_node=0"):
         train(cfg)
+    # CPU bundles too, each on one node: 2 workers of 3 CPUs do not fit a 4-CPU node (Ray
+    # would wait for them forever)
+    cfg = load_config([*TINY, "exp.world_size=2", "exp.cpus_per_worker=3"])
+    with pytest.raises(RuntimeError, match=r"2 x \(3 CPU\).*hold 1"):
+        train(cfg)
 
 
 def _checkpoints(run_storage) -> dict[int, dict[str, torch.Tensor]]:
