@@ -18,10 +18,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import free_ports
 from tiny_model import TINY_MODEL
 
-from hericap.checkpoint import load_checkpoint
+from hericap.checkpoint import load_checkpoint, save_checkpoint
+from hericap.config import load_config
+from hericap.data.text import Vocabulary
+from hericap.models.builder import build_captioner
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -107,10 +111,27 @@ def ray_head():
         subprocess.run(["rm", "-rf", temp], check=False)
 
 
+def _start_checkpoint(folder: Path) -> tuple[Path, Vocabulary]:
+    """A checkpoint to start from: the submitted run's model, other initial weights, and a
+    vocabulary that is not the dataset's (an extra word)."""
+    from hericap.data.synthetic import iter_split
+
+    cfg = load_config(["preset=demo", *TINY_MODEL])
+    captions = [c for s in iter_split(0, "train", 64) for c in s.captions]
+    vocab = Vocabulary([*Vocabulary.build(captions, min_count=1).itos, "zebra"])
+    torch.manual_seed(99)
+    model = build_captioner(cfg.model, len(vocab), cfg.dataset.image_size)
+    save_checkpoint(folder, model, cfg, vocab, meta={"epoch": 0})
+    return folder, vocab
+
+
 def test_ray_job_submit_trains_on_a_running_cluster(ray_head, tmp_path):
     """What the README shows: `ray job submit --working-dir . --runtime-env
-    cluster/runtime_env.yaml -- python jobs/train_caption.py ...`, then status and logs."""
+    cluster/runtime_env.yaml -- python jobs/train_caption.py ...`, then status and logs. The
+    seed's `exp.checkpoint=PATH` starts the run from that checkpoint's weights and vocabulary
+    (a backbone LR of 0 keeps its extractor exactly as it was)."""
     address, env = ray_head
+    start, start_vocab = _start_checkpoint(tmp_path / "start")
     job_id = f"hericap-test-{os.getpid()}"
     out = tmp_path / "outputs"
     submit = subprocess.run(
@@ -141,6 +162,8 @@ def test_ray_job_submit_trains_on_a_running_cluster(ray_head, tmp_path):
             "optimizer.batch_size=8",
             "optimizer.finetune_xe_epochs=1",
             "optimizer.finetune_sc_epochs=0",
+            f"exp.checkpoint={start}",
+            "optimizer.xe_backbone_lr=0",
             # one worker: a second costs ~14 s of start-up on 2 cores; DDP is tested elsewhere
             "exp.world_size=1",
             "--no-test",
@@ -173,3 +196,10 @@ def test_ray_job_submit_trains_on_a_running_cluster(ray_head, tmp_path):
     assert "best checkpoint: epoch 1" in logs
     ckpt = load_checkpoint(out / "submitted" / "best")
     assert ckpt.meta["epoch"] == 0 and ckpt.config.exp.name == "submitted"
+    assert f"initialised from the weights of {start}" in logs
+    assert ckpt.vocab == start_vocab  # the checkpoint's vocabulary, not the dataset's
+    initial = load_checkpoint(start).model.state_dict()
+    trained = ckpt.model.state_dict()
+    extractor = [k for k in initial if k.startswith("extractor.")]
+    assert all(torch.equal(trained[k], initial[k]) for k in extractor)
+    assert any(not torch.equal(trained[k], initial[k]) for k in trained if k.startswith("decoder."))

@@ -25,7 +25,13 @@ from hericap.data.text import Vocabulary
 from hericap.data.transforms import resize_spec
 from hericap.models.weights import load_state_dict_strict
 
-__all__ = ["LoadedCheckpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "LoadedCheckpoint",
+    "load_checkpoint",
+    "read_config_and_vocab",
+    "read_model_state",
+    "save_checkpoint",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +75,39 @@ class LoadedCheckpoint:
         return torch.load(p, map_location="cpu", weights_only=True) if p.is_file() else None
 
 
+def _require_folder(d: Path) -> None:
+    if d.is_file():
+        raise FileNotFoundError(
+            f"{d} is a file, not a HeriCap checkpoint folder; a GRIT or HierCap research "
+            "checkpoint becomes one with `hericap import grit|hiercap --checkpoint FILE ...`"
+        )
+    for name in (MODEL_FILE, CONFIG_FILE, VOCAB_FILE):
+        if not (d / name).is_file():
+            raise FileNotFoundError(
+                f"{d} is not a HeriCap checkpoint folder: {name} is missing "
+                f"(expected {MODEL_FILE}, {CONFIG_FILE}, {VOCAB_FILE})"
+            )
+
+
+def read_config_and_vocab(directory: str | Path) -> tuple[Config, Vocabulary]:
+    """A checkpoint folder's config and vocabulary, without building its model.
+
+    Raises:
+        FileNotFoundError: the folder or one of its files is missing.
+    """
+    d = Path(directory)
+    _require_folder(d)
+    config = from_dict(json.loads((d / CONFIG_FILE).read_text()))
+    return config, Vocabulary.load(d / VOCAB_FILE)
+
+
+def read_model_state(directory: str | Path) -> dict[str, torch.Tensor]:
+    """A checkpoint folder's weights (tensors only: ``weights_only=True``)."""
+    d = Path(directory)
+    _require_folder(d)
+    return torch.load(d / MODEL_FILE, map_location="cpu", weights_only=True)
+
+
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
     """Rebuild the model of a checkpoint folder and load its weights strictly.
 
@@ -79,16 +118,11 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     from hericap.models.builder import build_captioner
 
     d = Path(directory)
-    for name in (MODEL_FILE, CONFIG_FILE, VOCAB_FILE):
-        if not (d / name).is_file():
-            raise FileNotFoundError(
-                f"{d} is not a HeriCap checkpoint folder: {name} is missing "
-                f"(expected {MODEL_FILE}, {CONFIG_FILE}, {VOCAB_FILE})"
-            )
-    config = from_dict(json.loads((d / CONFIG_FILE).read_text()))
-    vocab = Vocabulary.load(d / VOCAB_FILE)
-    model = build_captioner(config.model, len(vocab), resize_spec(config.dataset).model_size)
-    state = torch.load(d / MODEL_FILE, map_location="cpu", weights_only=True)
-    load_state_dict_strict(model, state, what=f"checkpoint {d / MODEL_FILE}")
+    config, vocab = read_config_and_vocab(d)
+    # the folder holds every weight: the config's pretrained weight files are not read
+    model = build_captioner(
+        config.model, len(vocab), resize_spec(config.dataset).model_size, load_pretrained=False
+    )
+    load_state_dict_strict(model, read_model_state(d), what=f"checkpoint {d / MODEL_FILE}")
     meta = json.loads((d / META_FILE).read_text()) if (d / META_FILE).is_file() else {}
     return LoadedCheckpoint(model.to(device).eval(), config, vocab, meta, d)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from hericap.cli.common import config_from, overrides_help
 from hericap.config.loader import ConfigError, from_dict, load_config
+from hericap.config.schema import Config
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +56,22 @@ def _train_and_test(cfg, skip_test: bool = False, compare_xe: bool = False) -> d
         return report
 
 
+def train_config(overrides: list[str], default_preset: str = "coco") -> Config:
+    """The config of a training command line. With ``exp.checkpoint=DIR`` the run starts from
+    that checkpoint's weights: its model section and input keys are the base the other
+    overrides apply to (:mod:`hericap.checkpoint.warm_start`)."""
+    cfg = config_from(overrides, default_preset)
+    if not cfg.exp.checkpoint:
+        return cfg
+    from hericap.checkpoint.warm_start import warm_start_base
+
+    presets = [o for o in overrides if o.split("=", 1)[0] == "preset"]
+    base = warm_start_base(config_from(presets, default_preset), cfg.exp.checkpoint)
+    return load_config(overrides, base=base)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = config_from(args.overrides, default_preset="coco")
+    cfg = train_config(args.overrides)
     report = _train_and_test(cfg, skip_test=args.no_test)
     if report is not None:
         from hericap.evaluation.report import format_table

@@ -39,7 +39,9 @@ class ExpConfig:
     # Ray Train storage: a local folder or s3://bucket/prefix (endpoint: $AWS_ENDPOINT_URL);
     # defaults to <output_dir>/<name>/runs.
     storage_path: str | None = None
-    # Checkpoint folder to evaluate or serve (eval entrypoint).
+    # A HeriCap checkpoint folder: `eval` scores it; `train` starts from its weights (its model
+    # section, input keys and vocabulary, a fresh optimiser), as the research code's
+    # exp.checkpoint does. Research .pth files become folders with `hericap import`.
     checkpoint: str | None = None
     # Continue the run of the same name from its latest checkpoint instead of replacing it.
     resume: bool = False
@@ -215,6 +217,8 @@ class OptimizerConfig:
     # append <eos> to the reward strings (SacreEOS); recorded with every score
     sc_include_eos: bool = True
     warmup_steps: int = 1000
+    # > 0: the XE warm-up lasts this many epochs instead (the research code warms up over one)
+    warmup_epochs: float = 0.0
     min_lr_ratio: float = 0.01
     weight_decay: float = 0.01
     beta_1: float = 0.9
@@ -297,6 +301,11 @@ class Config:
         opt = self.optimizer
         if opt.batch_size < 1:
             raise ValueError(f"optimizer.batch_size={opt.batch_size} must be >= 1")
+        if opt.warmup_epochs < 0 or not 0 <= opt.min_lr_ratio <= 1:
+            raise ValueError(
+                f"optimizer.warmup_epochs={opt.warmup_epochs} must be >= 0 and "
+                f"optimizer.min_lr_ratio={opt.min_lr_ratio} in [0, 1]"
+            )
         if opt.grad_accum_steps < 1:
             raise ValueError(f"optimizer.grad_accum_steps={opt.grad_accum_steps} must be >= 1")
         if opt.checkpoint_num_to_keep < 1:

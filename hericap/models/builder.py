@@ -25,10 +25,14 @@ logger = logging.getLogger(__name__)
 
 
 def build_captioner(
-    model: ModelConfig, vocab_size: int, image_size: int | tuple[int, int]
+    model: ModelConfig,
+    vocab_size: int,
+    image_size: int | tuple[int, int],
+    load_pretrained: bool = True,
 ) -> Captioner:
-    """Instantiate the captioner described by ``model`` (and load ``model.detector.checkpoint``
-    when set).
+    """Instantiate the captioner described by ``model`` (and, with ``load_pretrained``, load the
+    weight files ``model.extractor.checkpoint`` / ``model.detector.checkpoint`` name; a
+    checkpoint folder being loaded holds every weight itself and passes False).
 
     Raises:
         ValueError: an inconsistent configuration.
@@ -45,7 +49,7 @@ def build_captioner(
         extra_stage_dim=ext.extra_stage_dim or None,
         frozen_stages=model.frozen_stages,
         stem=ext.stem,
-        checkpoint=ext.checkpoint,
+        checkpoint=ext.checkpoint if load_pretrained else None,
     )
     coarsest = extractor.channels[-1]
     grid = region = glob = None
@@ -110,7 +114,7 @@ def build_captioner(
         global_encoder=glob,
         region_proj=region_proj,
     )
-    if model.detector.checkpoint:
+    if load_pretrained and model.detector.checkpoint:
         load_detector_checkpoint(
             captioner,
             model.detector.checkpoint,

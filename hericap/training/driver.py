@@ -19,6 +19,7 @@ import ray.train
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from hericap.checkpoint.warm_start import check_warm_start
 from hericap.config.loader import NotEnoughResourcesError, to_dict
 from hericap.config.schema import Config
 from hericap.data.augment import train_augmentation
@@ -266,7 +267,8 @@ def train(cfg: Config, callbacks: list[ray.train.UserCallback] | None = None) ->
     with_scst = any(p.kind == "sc" for p in phases)
     use_gpu = _check_gpus(cfg)
     manifest = ensure_shards(cfg)
-    vocab = Vocabulary.load(manifest.vocab_path)
+    # starting from a checkpoint's weights: its vocabulary (the output layer is its size)
+    vocab = check_warm_start(cfg) if cfg.exp.checkpoint else Vocabulary.load(manifest.vocab_path)
     run_dir = Path(cfg.run_dir).resolve()
     storage = _run_storage(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

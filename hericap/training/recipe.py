@@ -30,12 +30,13 @@ from torch import nn
 
 from hericap.checkpoint import META_FILE, MODEL_FILE, STATE_FILE
 from hericap.checkpoint import save_checkpoint as write_checkpoint_folder
+from hericap.checkpoint.folder import read_model_state
 from hericap.config.loader import from_dict
 from hericap.data.text import Vocabulary
 from hericap.data.transforms import crop_batch, normalize_images, resize_spec
 from hericap.models.builder import build_captioner, format_parameter_summary
 from hericap.models.weights import load_state_dict_strict
-from hericap.training.optim import build_optimizer, constant_lr, warmup_cosine
+from hericap.training.optim import build_optimizer, constant_lr, warmup_cosine, warmup_length
 from hericap.training.phases import Phase, configured_phases, phase_at
 from hericap.training.rng import get_rng_state, seed_everything, set_rng_state
 from hericap.training.scst import CiderReward, make_scst_decoder, scst_step
@@ -167,6 +168,12 @@ class CaptionRecipe:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             seed_everything(self.cfg.exp.seed + self.rank)
+            if self.cfg.exp.checkpoint:  # a fresh run from another checkpoint's weights
+                state = read_model_state(self.cfg.exp.checkpoint)
+                load_state_dict_strict(
+                    self.net, state, what=f"exp.checkpoint={self.cfg.exp.checkpoint}"
+                )
+                self._log("initialised from the weights of %s", self.cfg.exp.checkpoint)
             return None
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)
@@ -213,9 +220,8 @@ class CaptionRecipe:
             total = phase.epochs * self.updates_per_epoch
             if opt.max_steps:
                 total = min(total, opt.max_steps)
-            self.scheduler = warmup_cosine(
-                self.optimizer, opt.warmup_steps, total, opt.min_lr_ratio
-            )
+            warmup = warmup_length(opt.warmup_steps, opt.warmup_epochs, self.updates_per_epoch)
+            self.scheduler = warmup_cosine(self.optimizer, warmup, total, opt.min_lr_ratio)
         else:
             self.scheduler = constant_lr(self.optimizer)
         if train_state is None:

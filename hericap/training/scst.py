@@ -25,7 +25,7 @@ import torch
 from hericap.config.schema import SCST_BASELINES
 from hericap.data.ptb import ptb_tokenize
 from hericap.data.text import Vocabulary
-from hericap.evaluation.cider import CiderD
+from hericap.evaluation.cider import CiderD, drop_empty_words
 from hericap.models.decoding import beam_search, greedy_decode, sample_decode
 
 __all__ = [
@@ -74,7 +74,7 @@ class CiderReward:
         after_eos = (is_eos.cumsum(dim=1) - is_eos).numpy() > 0  # padding, whatever it holds
         ids = self._table[tokens.numpy()]
         ids[after_eos] = 0
-        return self.cider.score_tokens(image_ids, ids)
+        return self.cider.score_tokens(image_ids, drop_empty_words(ids))
 
 
 def advantages(
