@@ -162,3 +162,18 @@ def test_presets_extend_their_base():
         tiny.optimizer.captions_per_image
         == load_config(["preset=demo"]).optimizer.captions_per_image
     )
+
+
+def test_the_configuration_reference_is_current_and_describes_every_key():
+    """docs/configuration.md is generated from the schema; regenerate it with
+    `python -m hericap.config.reference > docs/configuration.md` after changing a key."""
+    from pathlib import Path
+
+    from hericap.config.loader import valid_keys
+    from hericap.config.reference import reference_markdown
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    assert page == reference_markdown(), "docs/configuration.md is stale: regenerate it"
+    for key in valid_keys():
+        (row,) = [line for line in page.splitlines() if line.startswith(f"| `{key}` |")]
+        assert row.rstrip(" |").rsplit("|", 1)[-1].strip(), f"{key} has no description"

@@ -32,7 +32,9 @@ MIXED_PRECISION = ("auto", "bf16", "no")
 class ExpConfig:
     """Run identity, placement on Ray, and where outputs go."""
 
+    # Run name: outputs go to <output_dir>/<name>/ and Ray's run folder is named after it.
     name: str = "caption"
+    # Seed of the initial weights, the caption choices and every worker's RNGs.
     seed: int = 123
     # Outputs go to <output_dir>/<name>/ (checkpoints, scores, results).
     output_dir: str = "outputs"
@@ -47,7 +49,9 @@ class ExpConfig:
     resume: bool = False
     # Seed keys: world_size is the number of Ray Train workers, ngpus_per_node > 0 asks for GPUs.
     world_size: int = 1
+    # > 0: each worker takes one GPU (the seed's key); 0: CPU workers.
     ngpus_per_node: int = 0
+    # CPUs Ray reserves per training worker and per batch-inference actor.
     cpus_per_worker: float = 1.0
     # torch intra-op threads per worker; 0 means "as many as cpus_per_worker, at least 1".
     torch_threads: int = 0
@@ -79,6 +83,8 @@ class ExpConfig:
 class DatasetConfig:
     """Which dataset, where its shards are, and how images and captions are prepared."""
 
+    # Dataset: synthetic (generated on demand), or one prepared with `hericap prepare` (coco,
+    # flickr8k, flickr30k, nocaps, coco_captions).
     name: str = "synthetic"
     # Raw dataset root (COCO/Flickr/nocaps layouts); seed users set DATA_ROOT.
     root: str = "${oc.env:DATA_ROOT,data}"
@@ -86,38 +92,55 @@ class DatasetConfig:
     shard_dir: str | None = None
     # Train on a small fixed subset, with val = that same subset (debugging, as in the seed).
     overfit: bool = False
+    # Images in the dataset.overfit subset.
     overfit_size: int = 64
     # Resize: "square" (image_size x image_size; tiny presets) or "max_side" (the paper's rule:
     # aspect kept, short side <= min_size and long side <= max_size, padded with the mean).
     resize: str = "square"
+    # Side of the square images (dataset.resize=square).
     image_size: int = 64
+    # max_side: the short side is at most this (the paper: 384).
     min_size: int = 384
+    # max_side: the long side is at most this (the paper: 640); also the canvas side.
     max_size: int = 640
     # Training augmentation, off for val/test: "none" or "randaugment" (caption-safe ops:
     # no flips, no colour changes; hericap.data.augment).
     augment: str = "none"
+    # RandAugment: operations per image.
     randaugment_ops: int = 2
+    # RandAugment: strength, 0-10.
     randaugment_magnitude: float = 5.0
+    # Vocabulary: train words seen at least this many times (the paper: 5).
     vocab_min_count: int = 5
+    # Training captions are cut to this many words.
     max_caption_len: int = 20
     # Synthetic dataset sizes and seed (ignored for other datasets).
     synthetic_train: int = 6000
+    # Synthetic dataset: val images.
     synthetic_val: int = 250
+    # Synthetic dataset: test images.
     synthetic_test: int = 500
+    # Synthetic dataset: generator seed.
     synthetic_seed: int = 0
+    # Synthetic dataset: images per Parquet shard.
     shard_rows: int = 1000
     # Images per Ray Data map_batches call, and how many decode tasks run at once
     # (0: optimizer.num_workers, the seed's data-loader workers; both 0: Ray decides).
     decode_batch_size: int = 64
+    # Decode tasks at once (0: optimizer.num_workers, the seed's data-loader workers; both 0: Ray
+    # decides).
     decode_concurrency: int = 0
     # Without augmentation every epoch decodes the same pixels: when the decoded train split
     # fits in this many MB, it is decoded once into Ray's object store and each epoch reads it
     # back, if it also fits in half of the object store (demo: 70 MiB; figures in the README).
     # 0: never.
     cache_decoded_mb: int = 2048
+    # Rows each training worker shuffles locally (0: none); block order is reshuffled every epoch
+    # anyway.
     local_shuffle_buffer: int = 1000
     # Limits the val/test images used (0: all). Val is scored every epoch.
     max_val_images: int = 0
+    # Test images decoded and scored (0: all).
     max_test_images: int = 0
 
 
@@ -125,10 +148,15 @@ class DatasetConfig:
 class ExtractorConfig:
     """The timm Swin backbone (random init unless ``checkpoint`` names a local file)."""
 
+    # Swin patch embedding stride.
     patch_size: int = 4
+    # Channels of the first Swin stage (doubled per stage; Swin-B: 128).
     embed_dim: int = 32
+    # Swin blocks per stage (Swin-B: [2, 2, 18, 2]).
     depths: list[int] = field(default_factory=lambda: [2, 2])
+    # Attention heads per stage (Swin-B: [4, 8, 16, 32]).
     num_heads: list[int] = field(default_factory=lambda: [2, 4])
+    # Swin attention window (the paper: 12).
     window_size: int = 8
     # Patch embedding: "patch" (timm's, what pretrained Swin weights have) or "conv" (a
     # convolutional stem that learns much faster from random init).
@@ -136,6 +164,7 @@ class ExtractorConfig:
     # Channels of GRIT's extra stride-2 merging stage after the last Swin stage (the coarsest
     # map then has stride 64; Swin-B: 1024). 0: no extra stage.
     extra_stage_dim: int = 0
+    # Pretrained backbone weights to start from (a file path; nothing is downloaded).
     checkpoint: str | None = None
 
 
@@ -143,18 +172,32 @@ class ExtractorConfig:
 class DetectorConfig:
     """Region sub-encoder (Deformable DETR decoder); checkpoint: the seed's region_ckpt.pth."""
 
+    # GRIT detector checkpoint (the seed's region_ckpt.pth) loaded onto the extractor and the
+    # region sub-encoder.
     checkpoint: str | None = None
+    # Width of the deformable decoder (projected to model.d_model when they differ).
     d_model: int = 512
+    # FFN width of the deformable decoder layers.
     dim_feedforward: int = 1024
+    # Attention heads of the deformable decoder.
     num_heads: int = 8
+    # Deformable decoder layers (the paper: 6).
     num_layers: int = 6
+    # Feature levels the region sub-encoder reads (the last ones of the extractor).
     num_levels: int = 4
+    # Sampling points per level and head.
     num_points: int = 4
+    # Object queries: region tokens per image (the paper: 150).
     num_queries: int = 150
+    # Detector classes (sizes the detection heads only; GRIT's Visual Genome detector: 1849).
     num_classes: int = 1849
+    # Dropout in the deformable decoder.
     dropout: float = 0.1
+    # FFN activation of the deformable decoder: relu or gelu.
     activation: str = "relu"
+    # Iterative box refinement (one box head per layer).
     with_box_refine: bool = True
+    # Load what matches of model.detector.checkpoint and log the rest instead of failing.
     allow_partial_load: bool = False
 
 
@@ -162,8 +205,12 @@ class DetectorConfig:
 class CapGeneratorConfig:
     """The hierarchical decoder."""
 
+    # Fusion of the visual memories: Parallel, Sequential, Concatenated_Parallel or
+    # Concatenated_Sequential.
     decoder_name: str = "Parallel"
+    # Decoder layers (the paper: 3).
     n_layers: int = 3
+    # Decoder FFN activation: relu or gelu.
     activation: str = "relu"
 
 
@@ -171,19 +218,30 @@ class CapGeneratorConfig:
 class ModelConfig:
     """The captioning model: extractor, sub-encoders and decoder."""
 
+    # Width of the sub-encoders and the decoder (the paper: 512).
     d_model: int = 512
+    # Attention heads of the grid sub-encoder and the decoder.
     n_heads: int = 8
+    # FFN width of the sub-encoders and the decoder.
     d_ff: int = 2048
+    # Dropout on residual branches and embeddings.
     dropout: float = 0.2
+    # Dropout on attention weights.
     attn_dropout: float = 0.2
+    # Grid sub-encoder layers (the paper: 3; 0: projection only).
     grid_layers: int = 3
     # Grid sub-encoder layers: "transformer" (self-attention + FFN) or "routing" (DTNet-style
     # dynamic routing cells).
     grid_layer_type: str = "transformer"
+    # Global sub-encoder layers (the paper: 3).
     global_layers: int = 3
+    # Use the grid branch.
     use_gri_feat: bool = True
+    # Use the region branch (Deformable DETR).
     use_reg_feat: bool = False
+    # Use the global branch (relation-aware attention).
     use_glob_feat: bool = False
+    # Freeze Swin's patch embedding and this many stages (-1: none; the paper: 2).
     frozen_stages: int = -1
     extractor: ExtractorConfig = field(default_factory=ExtractorConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
@@ -197,18 +255,26 @@ SCST_BASELINES = ("beam_mean", "leave_one_out", "greedy")
 class OptimizerConfig:
     """Optimisation: phases, learning rates, batch size."""
 
+    # Images per worker per batch (the seed's key).
     batch_size: int = 32
     # Data-loading parallelism (seed key): Ray Data decode tasks, unless
     # dataset.decode_concurrency sets them.
     num_workers: int = 2
+    # XE epochs with the extractor and detector frozen (first phase).
     freezing_xe_epochs: int = 0
+    # SCST epochs with them frozen (second phase).
     freezing_sc_epochs: int = 0
+    # XE epochs training everything (third phase).
     finetune_xe_epochs: int = 10
+    # SCST epochs training everything (fourth phase).
     finetune_sc_epochs: int = 0
+    # XE learning rate of everything but the backbone.
     xe_lr: float = 1e-4
     # the extractor + region detector's LR; 0 freezes them for that kind of phase (no gradients)
     xe_backbone_lr: float = 1e-5
+    # SCST learning rate of everything but the backbone (constant; the paper: 5e-6).
     sc_lr: float = 5e-6
+    # SCST learning rate of the extractor + region detector (0 freezes them).
     sc_backbone_lr: float = 5e-6
     # SCST reward baseline: beam_mean (GRIT/M2), leave_one_out (PureT) or greedy (Rennie et al.)
     sc_baseline: str = "beam_mean"
@@ -216,14 +282,21 @@ class OptimizerConfig:
     sc_num_sequences: int = 5
     # append <eos> to the reward strings (SacreEOS); recorded with every score
     sc_include_eos: bool = True
+    # XE warm-up in optimiser steps (linear), then cosine.
     warmup_steps: int = 1000
     # > 0: the XE warm-up lasts this many epochs instead (the research code warms up over one)
     warmup_epochs: float = 0.0
+    # The cosine ends at this share of the peak LR (1: constant after warm-up).
     min_lr_ratio: float = 0.01
+    # AdamW weight decay of matrices and embeddings (norms and biases never decay).
     weight_decay: float = 0.01
+    # AdamW beta 1.
     beta_1: float = 0.9
+    # AdamW beta 2.
     beta_2: float = 0.99
+    # Gradient norm clipping (0: off).
     grad_clip: float = 1.0
+    # XE label smoothing.
     label_smoothing: float = 0.0
     # Batches per optimiser step (gradients accumulated; the effective batch is this x
     # batch_size x exp.world_size).
@@ -241,10 +314,16 @@ class OptimizerConfig:
 class DecodeConfig:
     """How val/test captions are decoded (the paper: beam 5, 20 words)."""
 
+    # Beam size of per-epoch validation (1: greedy).
     val_beam_size: int = 1
+    # Beam size of test decoding, eval, serve and caption (the paper: 5).
     test_beam_size: int = 5
+    # Words at most per caption (the paper: 20).
     max_len: int = 20
+    # Beam ranking by log-prob / length ** length_penalty (0: plain log-prob, the research
+    # setting).
     length_penalty: float = 0.0
+    # Images per decoding batch.
     batch_size: int = 100
 
 
@@ -252,7 +331,9 @@ class DecodeConfig:
 class Config:
     """The whole configuration of a HeriCap run."""
 
+    # The preset the config started from (hericap/config/presets/).
     preset: str = "coco"
+    # Split `eval` decodes and scores: train, val or test.
     split: str = "test"
     exp: ExpConfig = field(default_factory=ExpConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
