@@ -4,7 +4,8 @@ For each generated word, the decoder's last layer's cross-attention over the gri
 the global tokens, which sit on the same map) is averaged over the fusion groups that contain
 them and drawn over the image; with only the region branch, the five most attended boxes are
 drawn instead. Models with routing cells get a last panel with each routing layer's path
-weights.
+weights. :func:`word_attention` computes the same numbers without drawing them (the web page's
+``POST /explain`` sends them to the browser, which draws the panels).
 """
 
 from __future__ import annotations
