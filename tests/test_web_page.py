@@ -86,7 +86,7 @@ def _browser_binaries() -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     """Headless Debian chromium through its own chromedriver (selenium downloads nothing when
-    given the driver's path)."""
+    given the driver's path). Tests ask for it before the endpoint: no browser, no Serve."""
     binary, driver_path = _browser_binaries()
     webdriver = pytest.importorskip(
         "selenium.webdriver", reason="selenium is not installed (it is in the [dev] extra)"
@@ -293,7 +293,7 @@ def _screenshot_dir(tmp_path_factory) -> Path:
 
 @pytest.mark.ray
 def test_page_captions_a_real_photo_and_draws_its_heatmaps(
-    endpoint, browser, tmp_path, tmp_path_factory
+    browser, endpoint, tmp_path, tmp_path_factory
 ):
     from skimage import data
 
@@ -346,7 +346,7 @@ def test_page_captions_a_real_photo_and_draws_its_heatmaps(
 
 
 @pytest.mark.ray
-def test_page_shows_the_api_reason_for_refused_uploads(endpoint, browser, tmp_path):
+def test_page_shows_the_api_reason_for_refused_uploads(browser, endpoint, tmp_path):
     browser.get(f"{endpoint}/")
     text = b"these are notes, not a photo\n"
     cases = {
