@@ -91,15 +91,19 @@ def _strip_prefix(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
 
 
 def map_backbone_keys(
-    keys: list[str], num_stages: int
+    keys: list[str], num_stages: int, end_of_stage: bool | None = None
 ) -> tuple[dict[str, str], dict[str, str], str]:
     """Source backbone keys (prefix stripped) -> extractor keys.
+
+    ``end_of_stage``: whether the source merges patches at the end of each stage (Microsoft,
+    research) rather than at the start (timm); None: tell from the keys.
 
     Returns ``(mapped source -> ours, ignored source -> reason, layout)``; keys neither mapped
     nor ignored keep their name in ``mapped`` so that they surface as unexpected.
     """
-    # original (Microsoft, research) checkpoints merge at the end of a stage, so stage 0 has one
-    end_of_stage = "layers.0.downsample.reduction.weight" in keys
+    if end_of_stage is None:
+        # original checkpoints merge at the end of a stage, so their stage 0 has a merging
+        end_of_stage = "layers.0.downsample.reduction.weight" in keys
     layout = "timm" if not end_of_stage else "original (Microsoft / research)"
     mapped: dict[str, str] = {}
     ignored: dict[str, str] = {}
