@@ -312,33 +312,59 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    """Caption image files with a checkpoint (no Ray); optionally draw attention maps."""
+    """Caption image files with a checkpoint (no Ray), all of them as one batch; optionally
+    draw attention maps."""
     from hericap.serve.images import ImageLimits, UploadRejectedError, open_upload
     from hericap.serve.service import CaptionService
 
-    service = CaptionService(args.checkpoint, beam_size=args.beam_size, n_best=1)
-    failures = 0
-    for i, path in enumerate(args.images):
+    service = CaptionService(
+        args.checkpoint,
+        beam_size=args.beam_size,
+        n_best=args.n_best,
+        collapse_repeats=True if args.collapse_repeats else None,
+    )
+    paths, images, failures = [], [], 0
+    for path in args.images:
         try:
-            image = open_upload(Path(path).read_bytes(), ImageLimits())
+            images.append(open_upload(Path(path).read_bytes(), ImageLimits()))
+            paths.append(path)
         except (OSError, UploadRejectedError) as e:
             logger.error("%s: %s", path, e)
             failures += 1
-            continue
-        caption = service.caption([image])[0]["caption"]
-        print(f"{path}\t{caption}")
+    results = service.caption(images)  # one batch, padded as the checkpoint's flavour pads
+    for i, (path, result) in enumerate(zip(paths, results, strict=True)):
+        if args.json:
+            line = {"image": path, "model": service.id, "captions": result["beams"]}
+            print(json.dumps(line | {"collapse_repeats": service.collapse_repeats}))
+        else:
+            print(f"{path}\t{result['caption']}")
         if args.explain:
             from hericap.evaluation.explain import explain
 
             out = Path(args.explain)
-            if len(args.images) > 1:
+            if len(paths) > 1:
                 out = out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}")
-            canvases, sizes = service.prepare([image])
+            canvases, sizes = service.prepare([images[i]])
             vocab = service.loaded.vocab
-            tokens = vocab.encode(caption)[1:-1]
+            tokens = vocab.encode(result["caption"])[1:-1]
             explain(service.loaded.model, vocab, canvases[0], tuple(sizes[0]), tokens, out)
             print(f"attention maps: {out}")
     return 1 if failures else 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """Convert a GRIT / HierCap checkpoint into a HeriCap checkpoint folder."""
+    from hericap.checkpoint.research import import_research_checkpoint
+
+    try:
+        report = import_research_checkpoint(
+            args.research, args.checkpoint, args.config, args.vocab, args.out, args.overrides
+        )
+    except RuntimeError as e:  # the weights do not fit: the message lists the keys
+        logger.error("%s", e)
+        return 2
+    print(json.dumps(report.summary()))
+    return 0
 
 
 def cmd_model(args: argparse.Namespace) -> int:
@@ -441,8 +467,24 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("images", nargs="+", help="image files")
     ca.add_argument("--checkpoint", required=True, help="a checkpoint folder")
     ca.add_argument("--beam-size", type=int, default=5)
+    ca.add_argument("--n-best", type=int, default=1, help="captions per image, best first")
+    ca.add_argument(
+        "--json", action="store_true", help="one JSON line per image: captions, ids, log-probs"
+    )
+    ca.add_argument(
+        "--collapse-repeats", action="store_true", help="collapse repeated words (research eval)"
+    )
     ca.add_argument("--explain", default=None, help="PNG of per-word attention heatmaps")
     ca.set_defaults(func=cmd_caption)
+
+    im = sub.add_parser("import", help="convert a GRIT/HierCap checkpoint to a checkpoint folder")
+    im.add_argument("research", choices=["grit", "hiercap"], help="the research code it comes from")
+    im.add_argument("--checkpoint", required=True, help="research .pth (caption or detector)")
+    im.add_argument("--config", required=True, help="the research config YAML it was trained with")
+    im.add_argument("--vocab", required=True, help="the research vocabulary JSON")
+    im.add_argument("--out", required=True, help="the checkpoint folder to write")
+    im.add_argument("overrides", nargs="*", help="key=value overrides of the written config")
+    im.set_defaults(func=cmd_import)
 
     demo = sub.add_parser("demo", help="synthetic data -> Ray Train -> test scores table")
     demo.add_argument("overrides", nargs="*", help=overrides_help)

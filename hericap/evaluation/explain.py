@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from hericap.data.text import Vocabulary
-from hericap.data.transforms import crop_batch, normalize_images
+from hericap.data.transforms import crop_batch, prepare_batch
 from hericap.models.captioner import Attention, Captioner
 
 __all__ = ["explain", "word_maps"]
@@ -59,10 +59,12 @@ def explain(
     """Draw ``canvas`` (``uint8 [H, W, 3]``, the real image at ``image_hw`` top-left) with one
     heatmap per word of ``caption_tokens`` (word ids, no ``<bos>``/``<eos>``) into ``out``."""
     batch = crop_batch(canvas[None], np.asarray([image_hw]), model.input_multiple)
-    x = normalize_images(batch)
+    x, hw = prepare_batch(
+        canvas[None], np.asarray([image_hw]), model.input_multiple, model.zero_padding
+    )
     words = [vocab.itos[t] for t in caption_tokens] + ["<eos>"]
     tokens = torch.tensor([[vocab.bos_idx, *caption_tokens]])
-    att = model.attention(x, tokens)
+    att = model.attention(x, tokens, image_hw=hw)
     maps, regions = word_maps(att)
     image = batch[0]
     ih, iw = image_hw

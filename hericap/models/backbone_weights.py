@@ -48,7 +48,7 @@ IGNORED = [
     (re.compile(r"attn_mask$"), "derived buffer (shifted-window mask), rebuilt per input size"),
     (
         re.compile(r"^layers\.\d+\.downsample\.(expansion|norm2)\."),
-        "GRIT's unused detection-token layers of the patch merging",
+        "GRIT's unused detection-token expansion in the patch merging",
     ),
     (re.compile(r"^norm\d+\.(weight|bias)$"), "research output norms, never applied"),
 ]
