@@ -157,10 +157,12 @@ def load_backbone_weights(extractor: nn.Module, location: str | Path) -> Backbon
     fresh = [k for k in diff.missing if k.startswith(_EXTRA_PREFIX)]
     missing = [k for k in diff.missing if not k.startswith(_EXTRA_PREFIX)]
     if missing or diff.unexpected or diff.mismatched:
+        source_of = {ours_key: key for key, ours_key in mapped.items()}
+        unknown = [source_of[k] for k in diff.unexpected]
         raise RuntimeError(
             f"backbone checkpoint {source} ({layout} layout) does not fit the extractor: missing "
-            f"trained weights {missing[:20]}; unknown keys {diff.unexpected[:20]}; shape "
-            f"mismatches (key, checkpoint, model) {diff.mismatched[:20]}"
+            f"trained weights {missing[:20]}; unknown keys {unknown[:20]}; shape mismatches "
+            f"(key, checkpoint, model) {diff.mismatched[:20]}"
         )
     merged = {**expected, **ours}
     extractor.load_state_dict(merged, strict=True)
