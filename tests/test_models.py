@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hericap.models.weights import load_state_dict_strict
 from hericap.config import load_config
 from hericap.models import FUSION_REGISTRY, build_captioner, canonical_fusion_name
 from hericap.models.decoding import beam_search, greedy_decode
+from hericap.models.weights import load_state_dict_strict
 
 VOCAB = 40
 

@@ -68,7 +68,9 @@ def test_bench_parity_prints_every_model_and_the_beam_share(bench):
 def test_every_stage_equals_the_research_outputs(bench, name):
     diffs = bench["max_abs_diff"][name]
     assert "mismatched_beams" not in diffs, diffs.get("mismatched_beams")
-    exact = [k for k in diffs if k.startswith("preprocess") or k.endswith("mask") or k == "det.masks"]
+    exact = [
+        k for k in diffs if k.startswith("preprocess") or k.endswith("mask") or k == "det.masks"
+    ]
     for key in exact:  # our transform, padding and every mask: identical
         assert diffs[key] == 0.0, key
     tf_noise = NOISE["tf.logprobs"] * NOISE_FACTOR
@@ -100,20 +102,23 @@ def test_beams_and_captions_come_out_token_for_token(bench):
 def hiercap_folder(oracle: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("import") / "hiercap_cp"
     name = "hiercap_concatenated_parallel"
-    assert cli_main(
-        [
-            "import",
-            "hiercap",
-            "--checkpoint",
-            str(oracle / name / "checkpoint.pth"),
-            "--config",
-            str(oracle / name / "config.yaml"),
-            "--vocab",
-            str(oracle / "vocab.json"),
-            "--out",
-            str(out),
-        ]
-    ) == 0
+    assert (
+        cli_main(
+            [
+                "import",
+                "hiercap",
+                "--checkpoint",
+                str(oracle / name / "checkpoint.pth"),
+                "--config",
+                str(oracle / name / "config.yaml"),
+                "--vocab",
+                str(oracle / "vocab.json"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -130,9 +135,12 @@ def test_import_writes_a_self_describing_folder(hiercap_folder, oracle):
     assert cfg.model.flavour == "hiercap" and cfg.dataset.resize == "maxwh"
     assert cfg.model.cap_generator.decoder_name == "Concatenated_Parallel"
     # the random (never trained) position table is loaded, not recomputed
-    research = torch.load(oracle / "hiercap_concatenated_parallel/checkpoint.pth", weights_only=True)
+    research = torch.load(
+        oracle / "hiercap_concatenated_parallel/checkpoint.pth", weights_only=True
+    )
     assert torch.equal(
-        loaded.model.decoder.positions.weight, research["state_dict"]["cap_generator.pos_emb.weight"]
+        loaded.model.decoder.positions.weight,
+        research["state_dict"]["cap_generator.pos_emb.weight"],
     )
 
 
@@ -142,10 +150,8 @@ def test_caption_json_reproduces_the_oracle_beams_from_the_command_line(
 ):
     info = json.loads((oracle / "inputs.json").read_text())
     images = [str(oracle / image["path"]) for image in info["images"]]
-    code = cli_main(
-        ["caption", *images, "--checkpoint", str(hiercap_folder), "--beam-size", "5"]
-        + ["--n-best", "5", "--json"]
-    )
+    options = ["--checkpoint", str(hiercap_folder), "--beam-size", "5", "--n-best", "5", "--json"]
+    code = cli_main(["caption", *images, *options])
     assert code == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     ref = torch.load(oracle / "hiercap_concatenated_parallel/outputs.pt", weights_only=True)
@@ -203,8 +209,13 @@ def test_every_paper_size_key_maps_with_its_shape_on_the_meta_device(oracle, var
         k: torch.empty(shape, dtype=DTYPES[dtype], device="meta")
         for k, (shape, dtype) in full["state_dict"].items()
     }
-    tree = yaml.safe_load((oracle / f"{'grit_parallel' if repo == 'grit' else 'hiercap_sequential'}"
-                           / "config.yaml").read_text())
+    tree = yaml.safe_load(
+        (
+            oracle
+            / f"{'grit_parallel' if repo == 'grit' else 'hiercap_sequential'}"
+            / "config.yaml"
+        ).read_text()
+    )
     if decoder:
         tree["model"]["cap_generator"]["decoder_name"] = decoder
     cfg = research_config(repo, tree, state, vocab_size=10201)
@@ -327,5 +338,7 @@ def test_hericap_captions_do_not_depend_on_the_batch():
                                    n_best=3, image_hw=hw[i : i + 1])  # fmt: skip
             assert torch.equal(alone.tokens[0], batch.tokens[i])
             assert (alone.token_log_probs[0] - batch.token_log_probs[i]).abs().max() < 1e-5
-            worst_padded = max(worst_padded, float((padded.log_probs[i] - alone.log_probs[0]).abs().max()))
+            worst_padded = max(
+                worst_padded, float((padded.log_probs[i] - alone.log_probs[0]).abs().max())
+            )
     assert worst_padded > 1e-3  # the padded pass does depend on the batch: the test can fail

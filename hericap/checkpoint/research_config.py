@@ -81,8 +81,13 @@ def _swin(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     stages = _count(state, rf"{re.escape(prefix)}layers\.(\d+)\.")
     if not stages:
         raise ValueError("the checkpoint has no Swin backbone (detector.backbone.* keys)")
-    depths = [_count(state, rf"{re.escape(prefix)}layers\.{i}\.blocks\.(\d+)\.") for i in range(stages)]
-    tables = [state[f"{prefix}layers.{i}.blocks.0.attn.relative_position_bias_table"] for i in range(stages)]
+    depths = [
+        _count(state, rf"{re.escape(prefix)}layers\.{i}\.blocks\.(\d+)\.") for i in range(stages)
+    ]
+    tables = [
+        state[f"{prefix}layers.{i}.blocks.0.attn.relative_position_bias_table"]
+        for i in range(stages)
+    ]
     window = (math.isqrt(tables[0].shape[0]) + 1) // 2
     patch = state[f"{prefix}patch_embed.proj.weight"]
     return {
@@ -91,7 +96,9 @@ def _swin(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         "depths": depths,
         "num_heads": [t.shape[1] for t in tables],
         "window_size": window,
-        "extra_stage_dim": state[f"{prefix}layers.{stages - 1}.downsample.reduction.weight"].shape[0],
+        "extra_stage_dim": state[f"{prefix}layers.{stages - 1}.downsample.reduction.weight"].shape[
+            0
+        ],
         "drop_path_rate": RESEARCH_DROP_PATH,
     }
 

@@ -142,15 +142,19 @@ def resolve_options(model: ModelConfig) -> FlavourOptions:
 
 
 def _check_model(model: ModelConfig, options: FlavourOptions) -> None:
+    _check_wiring(model, options)
+    _check_sizes(model, options)
+
+
+def _check_wiring(model: ModelConfig, options: FlavourOptions) -> None:
     branches = (model.use_gri_feat, model.use_reg_feat, model.use_glob_feat)
     name = model.cap_generator.decoder_name.strip().lower()
-    if options.fusion_wiring == "grit":
-        if branches != (True, True, False) or name != "parallel":
-            raise ValueError(
-                "model.fusion_wiring=grit is GRIT's parallel layer over the grid and region "
-                "memories: it needs model.cap_generator.decoder_name=Parallel, use_gri_feat="
-                f"True, use_reg_feat=True, use_glob_feat=False (got {name!r}, {branches})"
-            )
+    if options.fusion_wiring == "grit" and (branches != (True, True, False) or name != "parallel"):
+        raise ValueError(
+            "model.fusion_wiring=grit is GRIT's parallel layer over the grid and region "
+            "memories: it needs model.cap_generator.decoder_name=Parallel, use_gri_feat="
+            f"True, use_reg_feat=True, use_glob_feat=False (got {name!r}, {branches})"
+        )
     if options.fusion_wiring == "hiercap" and branches != (True, True, True):
         raise ValueError(
             "model.fusion_wiring=hiercap is HierCap's decoder over the grid, region and global "
@@ -168,6 +172,9 @@ def _check_model(model: ModelConfig, options: FlavourOptions) -> None:
                 f"model.fusion_wiring={options.fusion_wiring} is the research model: it needs "
                 "model.grid_layer_type=transformer and model.extractor.stem=patch"
             )
+
+
+def _check_sizes(model: ModelConfig, options: FlavourOptions) -> None:
     table = model.cap_generator.position_table_size
     if options.embedding == "research" and table < 2:
         raise ValueError(

@@ -121,9 +121,7 @@ def _encoders(model: Captioner, x, hw, ref, out: ParityResult) -> None:
     d["det.reg_feat"] = _diff(region.features, ref["det.reg_feat"])
     d["det_module.hs"] = _diff(region.hidden_states, ref["det_module.hs"])
     d["det_module.init_reference"] = _diff(region.references[0], ref["det_module.init_reference"])
-    d["det_module.inter_references"] = _diff(
-        region.references, ref["det_module.inter_references"]
-    )
+    d["det_module.inter_references"] = _diff(region.references, ref["det_module.inter_references"])
     d["grid_net.out"] = _diff(encoded.memories["grid"], ref["grid_net.out"][:, -1])
     d["grid_net.mask"] = _diff(encoded.masks["grid"], ref["grid_net.mask"].flatten(1))
     if "det.reg_point" in ref:

@@ -144,7 +144,10 @@ class SwinExtractor(nn.Module):
         super().__init__()
         if stem not in STEMS:
             raise ValueError(f"unknown model.extractor.stem={stem!r}; known: {sorted(STEMS)}")
-        for name, value in (("window_rule", window_rule), ("frozen_stages_rule", frozen_stages_rule)):
+        for name, value in (
+            ("window_rule", window_rule),
+            ("frozen_stages_rule", frozen_stages_rule),
+        ):
             if value not in SWIN_RULES:
                 raise ValueError(f"unknown {name}={value!r}; known: {list(SWIN_RULES)}")
         research = window_rule == "research"

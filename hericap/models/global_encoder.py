@@ -53,9 +53,7 @@ class RelationAwareGlobalLayer(nn.Module):
         self.ln2 = nn.LayerNorm(d_model)
         self.drop = nn.Dropout(dropout)
 
-    def position_gates(
-        self, x: torch.Tensor, key_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def position_gates(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``x [B, N, D]`` -> gates ``[B, N, 1]`` in (0, 1); ``key_mask``: additive ``[B, 1, N]``
         (``-inf`` on padded positions, which then relate to no position)."""
         relations = self.query(x) @ self.key(x).transpose(1, 2) / math.sqrt(self.d_relation)
@@ -99,7 +97,9 @@ class GlobalEncoder(nn.Module):
             RelationAwareGlobalLayer(d_model, d_ff, dropout) for _ in range(n_layers)
         )
 
-    def forward(self, feature_map: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, feature_map: torch.Tensor, padding: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``[B, h, w, C]`` -> ``[B, h*w, d_model]`` global tokens; ``padding [B, h*w]``
         (True = padding) keeps padded positions out of the relations."""
         x = self.proj(feature_map)

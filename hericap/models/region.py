@@ -200,7 +200,9 @@ class DeformableDecoderLayer(nn.Module):
         """``valid_ratios [B, levels, 2]`` and ``src_padding [B, S]`` come with padded maps."""
         if valid_ratios is not None:
             # the reference boxes (image-relative) in each level's padded coordinates
-            scale = valid_ratios if reference_points.shape[-1] == 2 else valid_ratios.repeat(1, 1, 2)
+            scale = (
+                valid_ratios if reference_points.shape[-1] == 2 else valid_ratios.repeat(1, 1, 2)
+            )
             reference_points = reference_points[:, :, None] * scale[:, None]
         q = tgt + query_pos
         a = self.self_attn(q, q, tgt, need_weights=False)[0]

@@ -26,7 +26,9 @@ from hericap.models.backbone_weights import map_backbone_keys
 __all__ = ["RESEARCH_FUSION_BRANCHES", "KeyMapping", "map_research_keys"]
 
 BEAM_STATE = "beam-search state buffer of the research decoder (empty at rest)"
-LEVEL_EMBED = "GRIT creates level_embed but never uses it (the deformable decoder adds no level embedding)"
+LEVEL_EMBED = (
+    "GRIT creates level_embed but never uses it (the deformable decoder adds no level embedding)"
+)
 
 # The research attention modules' projections -> HeriCap's MultiHeadAttention.
 _ATTENTION = {"fc_q": "q_proj", "fc_k": "k_proj", "fc_v": "v_proj", "fc_o": "out_proj"}
