@@ -125,7 +125,7 @@ class DatasetConfig:
 
 @dataclass
 class ExtractorConfig:
-    """The timm Swin backbone (random init unless ``checkpoint`` names a local file)."""
+    """The timm Swin backbone (random init unless ``checkpoint`` names a weight file)."""
 
     patch_size: int = 4
     embed_dim: int = 32

@@ -200,8 +200,11 @@ class Captioner(nn.Module):
         details: bool = False,
     ) -> Encoded:
         """``images [B, 3, H, W]`` (normalised; image ``i`` in the top-left ``image_hw[i]``
-        pixels, None: all of it) -> memories plus what explanations need (and, with
-        ``details``, intermediate outputs)."""
+        pixels, None: all of it) -> memories plus what explanations need.
+
+        ``details`` (parity checks) also returns intermediate outputs; it encodes the batch in
+        one pass (with the research padding's masks when that is the rule).
+        """
         if image_hw is None or self.padding == "research" or details:
             return self._encode(images, image_hw if self.padding == "research" else None, details)
         m = self.input_multiple
