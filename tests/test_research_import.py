@@ -35,6 +35,15 @@ NOISE_FACTOR = 4
 DTYPES = {"float32": torch.float32, "int64": torch.int64, "uint8": torch.uint8}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread, as the oracle was made (and steadier on a shared 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def oracle(realdata: Path) -> Path:
     return realdata / "research_checkpoints"
@@ -44,7 +53,7 @@ def oracle(realdata: Path) -> Path:
 def bench(oracle: Path) -> dict:
     """``benchmarks/bench_parity.py`` run once, in this process (it imports and compares all
     three models); its last line is the JSON report."""
-    argv, threads = sys.argv, torch.get_num_threads()
+    argv = sys.argv
     out = io.StringIO()
     try:
         sys.argv = ["bench_parity.py", "--threads", "1"]
@@ -52,7 +61,6 @@ def bench(oracle: Path) -> dict:
             runpy.run_path(str(REPO_ROOT / "benchmarks" / "bench_parity.py"), run_name="__main__")
     finally:
         sys.argv = argv
-        torch.set_num_threads(threads)
     return json.loads(out.getvalue().strip().splitlines()[-1])
 
 
@@ -189,6 +197,11 @@ def test_detector_checkpoint_import_gives_the_research_detector_and_says_what_is
     assert (grid - ref["det.gri_feat"]).abs().max() < NOISE["det.gri_feat"] * NOISE_FACTOR
     reg = encoded.details["region"].features
     assert (reg - ref["det.reg_feat"]).abs().max() < NOISE["det.reg_feat"] * NOISE_FACTOR
+    # the GRIT flavour trains every parameter it keeps (dead research weights were dropped)
+    model.train()
+    model(inputs["batch"][:2, :, :128, :192], inputs["tf_seq"][:2]).mean().backward()
+    idle = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not idle, idle
 
 
 @pytest.mark.realdata

@@ -216,8 +216,9 @@ class Captioner(nn.Module):
             return self._encode(images, None, False)
         parts = []
         for h, w in sorted(set(sizes)):
-            idx = torch.tensor([i for i, hw in enumerate(sizes) if hw == (h, w)])
-            parts.append((idx, self._encode(images[idx.to(images.device), :, :h, :w], None, False)))
+            rows = [i for i, hw in enumerate(sizes) if hw == (h, w)]
+            idx = torch.tensor(rows, device=images.device)
+            parts.append((idx, self._encode(images[idx, :, :h, :w], None, False)))
         return _merge_by_size(parts, images.shape[0])
 
     def _encode(

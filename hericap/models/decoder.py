@@ -277,6 +277,7 @@ class HierarchicalDecoder(nn.Module):
         x = self._embed(tokens[:, None], position)
         self_mask = None
         if self.research:  # <pad> words chosen earlier stay masked as keys (research)
+            # kept beside layer 0's self-attention keys, so reorder_cache reorders them too
             pad = cache[0].setdefault("self", {})
             flags = (tokens == self.pad_idx)[:, None]
             pad["pad"] = torch.cat([pad["pad"], flags], dim=1) if "pad" in pad else flags
