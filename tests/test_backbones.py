@@ -21,6 +21,15 @@ from hericap.models.encoders import SwinExtractor
 TINY = {"embed_dim": 16, "depths": (1, 1), "num_heads": (1, 2), "window_size": 4}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: steadier on a shared 2-core machine, and what the oracle used."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _timm_swin(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return timm.create_model(

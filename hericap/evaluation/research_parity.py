@@ -135,11 +135,15 @@ def _encoders(model: Captioner, x, hw, ref, out: ParityResult) -> None:
 def _beams(loaded: LoadedCheckpoint, x, hw, ref, captions: dict, out: ParityResult) -> None:
     model, vocab = loaded.model, loaded.vocab
     worst = 0.0
+    searches = {}  # one search per beam size: fewer outputs are the first of more
+    for k in sorted({k for k, _ in BEAMS}):
+        most = max(n for size, n in BEAMS if size == k)
+        searches[k] = model.generate(x, beam_size=k, max_len=BEAM_LEN, n_best=most, image_hw=hw)
     for k, n in BEAMS:
         key = f"beam.b{k}_o{n}"
-        got = model.generate(x, beam_size=k, max_len=BEAM_LEN, n_best=n, image_hw=hw)
-        tokens = got.tokens[:, 0] if n == 1 else got.tokens
-        per_token = got.token_log_probs[:, 0] if n == 1 else got.token_log_probs
+        got, kept = searches[k], min(n, k)
+        tokens = got.tokens[:, 0] if n == 1 else got.tokens[:, :kept]
+        per_token = got.token_log_probs[:, 0] if n == 1 else got.token_log_probs[:, :kept]
         _count_beams(tokens, ref[f"{key}.tokens"], key, out)
         worst = max(worst, _diff(per_token, ref[f"{key}.logprobs"]))
         for kind in ("decode", "eval_collapsed"):
