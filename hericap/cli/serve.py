@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -50,33 +51,49 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    """Caption image files with a checkpoint (no Ray); optionally draw attention maps."""
+    """Caption image files with a checkpoint (no Ray), all of them as one batch; optionally
+    draw attention maps."""
     from hericap.serve.images import ImageLimits, UploadRejectedError, open_upload
     from hericap.serve.service import CaptionService
 
-    service = CaptionService(args.checkpoint, beam_size=args.beam_size, n_best=1)
-    failures = 0
-    for i, path in enumerate(args.images):
+    service = CaptionService(
+        args.checkpoint,
+        beam_size=args.beam_size,
+        n_best=args.n_best,
+        collapse_repeats=True if args.collapse_repeats else None,
+    )
+    paths, images, failures = [], [], 0
+    for path in args.images:
         try:
-            image = open_upload(Path(path).read_bytes(), ImageLimits())
+            images.append(open_upload(Path(path).read_bytes(), ImageLimits()))
+            paths.append(path)
         except (OSError, UploadRejectedError) as e:
             logger.error("%s: %s", path, e)
             failures += 1
-            continue
-        caption = service.caption([image])[0]["caption"]
-        print(f"{path}\t{caption}")
+    results = service.caption(images)  # one batch, padded as the checkpoint's flavour pads
+    for i, (path, result) in enumerate(zip(paths, results, strict=True)):
+        if args.json:
+            line = {"image": path, "model": service.id, "captions": result["beams"]}
+            print(json.dumps(line | {"collapse_repeats": service.collapse_repeats}))
+        else:
+            print(f"{path}\t{result['caption']}")
         if args.explain:
-            from hericap.evaluation.explain import explain
-
-            out = Path(args.explain)
-            if len(args.images) > 1:
-                out = out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}")
-            canvases, sizes = service.prepare([image])
-            vocab = service.loaded.vocab
-            tokens = vocab.encode(caption)[1:-1]
-            explain(service.loaded.model, vocab, canvases[0], tuple(sizes[0]), tokens, out)
-            print(f"attention maps: {out}")
+            _explain(service, images[i], result["caption"], Path(args.explain), i, len(paths))
     return 1 if failures else 0
+
+
+def _explain(service, image, caption: str, out: Path, index: int, count: int) -> None:
+    """Draw the per-word attention maps of ``caption`` on ``image`` (``out`` numbered when
+    several images are captioned)."""
+    from hericap.evaluation.explain import explain
+
+    if count > 1:
+        out = out.with_name(f"{out.stem}_{index}{out.suffix or '.png'}")
+    canvases, sizes = service.prepare([image])
+    vocab = service.loaded.vocab
+    tokens = vocab.encode(caption)[1:-1]
+    explain(service.loaded.model, vocab, canvases[0], tuple(sizes[0]), tokens, out)
+    print(f"attention maps: {out}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -101,5 +118,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     ca.add_argument("images", nargs="+", help="image files")
     ca.add_argument("--checkpoint", required=True, help="a checkpoint folder")
     ca.add_argument("--beam-size", type=int, default=5)
+    ca.add_argument("--n-best", type=int, default=1, help="captions per image, best first")
+    ca.add_argument(
+        "--json", action="store_true", help="one JSON line per image: captions, ids, log-probs"
+    )
+    ca.add_argument(
+        "--collapse-repeats", action="store_true", help="collapse repeated words (research eval)"
+    )
     ca.add_argument("--explain", default=None, help="PNG of per-word attention heatmaps")
     ca.set_defaults(func=cmd_caption)

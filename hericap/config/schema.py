@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hericap.config.flavours import check_flavour
+
 __all__ = [
     "CapGeneratorConfig",
     "Config",
@@ -23,7 +25,7 @@ __all__ = [
 ]
 
 SPLITS = ("train", "val", "test")
-RESIZE_MODES = ("square", "max_side")
+RESIZE_MODES = ("square", "max_side", "maxwh")
 AUGMENTATIONS = ("none", "randaugment")
 MIXED_PRECISION = ("auto", "bf16", "no")
 
@@ -95,8 +97,10 @@ class DatasetConfig:
     overfit: bool = False
     # Images in the dataset.overfit subset.
     overfit_size: int = 64
-    # Resize: "square" (image_size x image_size; tiny presets) or "max_side" (the paper's rule:
-    # aspect kept, short side <= min_size and long side <= max_size, padded with the mean).
+    # Resize: "square" (image_size x image_size; tiny presets), "max_side" (aspect kept, short
+    # side <= min_size and long side <= max_size, padded with the mean) or "maxwh" (the research
+    # code's MaxWHResize: aspect kept, the largest size within min_size high x max_size wide,
+    # i.e. its transform_cfg.size [384, 640]; sizes truncated as it truncates them).
     resize: str = "square"
     # Side of the square images (dataset.resize=square).
     image_size: int = 64
@@ -147,7 +151,7 @@ class DatasetConfig:
 
 @dataclass
 class ExtractorConfig:
-    """The timm Swin backbone (random init unless ``checkpoint`` names a local file)."""
+    """The timm Swin backbone (random init unless ``checkpoint`` names a weight file)."""
 
     # Swin patch embedding stride.
     patch_size: int = 4
@@ -165,7 +169,13 @@ class ExtractorConfig:
     # Channels of GRIT's extra stride-2 merging stage after the last Swin stage (the coarsest
     # map then has stride 64; Swin-B: 1024). 0: no extra stage.
     extra_stage_dim: int = 0
-    # Pretrained backbone weights to start from (a file path; nothing is downloaded).
+    # Stochastic depth over the Swin blocks (linear from 0; the research Swin-B: 0.3).
+    drop_path_rate: float = 0.0
+    # Swin windows: "timm" or "research" (pad to whole windows then shift, 12x12 windows even on
+    # smaller maps); null: the flavour's (hericap/config/flavours.py).
+    window_rule: str | None = None
+    # Pretrained backbone weights (local path or s3://; .pth/.pt or .safetensors): a timm Swin
+    # state dict, Microsoft's release layout ({"model": ...}), or a GRIT/HierCap backbone.
     checkpoint: str | None = None
 
 
@@ -213,6 +223,9 @@ class CapGeneratorConfig:
     n_layers: int = 3
     # Decoder FFN activation: relu or gelu.
     activation: str = "relu"
+    # Rows of the learned word-position table (model.embedding=research only; the research
+    # code: max_len + 1 = 55). 0: positions are computed sinusoids (HeriCap).
+    position_table_size: int = 0
 
 
 @dataclass
@@ -244,6 +257,30 @@ class ModelConfig:
     use_glob_feat: bool = False
     # Freeze Swin's patch embedding and this many stages (-1: none; the paper: 2).
     frozen_stages: int = -1
+    # FFN width of the global sub-encoder (0: d_ff; HierCap hard-wires 2048).
+    global_d_ff: int = 0
+    # "hericap" (HeriCap's own model, the default for new training), "grit" or "hiercap" (the
+    # research code's exact computation, for imported checkpoints). The options below default
+    # to the flavour's values (null); hericap/config/flavours.py documents each one.
+    flavour: str = "hericap"
+    # How each decoder layer fuses the memories: hericap | grit | hiercap (null: the flavour's).
+    fusion_wiring: str | None = None
+    # Word embedding and positions: hericap (scaled, sinusoidal) | research (unscaled, a learned
+    # position table; null: the flavour's).
+    embedding: str | None = None
+    # 2-D sinusoidal positions on the grid/global tokens (null: the flavour's).
+    visual_positions: bool | None = None
+    # Global sub-encoder layer: relation (HeriCap's, any map size) | gra (HierCap's 6x10
+    # relation-aware attention; null: the flavour's).
+    global_module: str | None = None
+    # How model.frozen_stages counts stages: timm | research (null: the flavour's).
+    frozen_stages_rule: str | None = None
+    # Batches of mixed sizes: by_size (each image encoded at its own size: captions do not
+    # depend on the batch) | research (one zero-padded batch, as the research code; null: the
+    # flavour's).
+    padding: str | None = None
+    # Beam search: hericap | research (the research code's step rules; null: the flavour's).
+    beam_search: str | None = None
     extractor: ExtractorConfig = field(default_factory=ExtractorConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     cap_generator: CapGeneratorConfig = field(default_factory=CapGeneratorConfig)
@@ -326,6 +363,9 @@ class DecodeConfig:
     length_penalty: float = 0.0
     # Images per decoding batch.
     batch_size: int = 100
+    # Collapse consecutive repeated words before scoring ("a a dog" -> "a dog"), as the research
+    # evaluation does; recorded with every score.
+    collapse_repeats: bool = False
 
 
 @dataclass
@@ -434,6 +474,7 @@ class Config:
             )
         if self.decode.test_beam_size < 1 or self.decode.val_beam_size < 1:
             raise ValueError("decode.val_beam_size and decode.test_beam_size must be >= 1")
+        check_flavour(self)
 
     @property
     def run_dir(self) -> str:

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from hericap.data.text import Vocabulary
-from hericap.data.transforms import crop_batch, normalize_images
+from hericap.data.transforms import crop_batch, prepare_batch
 from hericap.models.captioner import Attention, Captioner
 
 __all__ = ["WordAttention", "explain", "word_attention", "word_maps"]
@@ -83,8 +83,11 @@ def word_attention(
     ``<bos>``/``<eos>``) over ``canvas`` (``uint8 [H, W, 3]``, the real image at ``image_hw``
     top-left), teacher-forced as in training."""
     batch = crop_batch(canvas[None], np.asarray([image_hw]), model.input_multiple)
+    x, hw = prepare_batch(
+        canvas[None], np.asarray([image_hw]), model.input_multiple, model.zero_padding
+    )
     tokens = torch.tensor([[vocab.bos_idx, *caption_tokens]])
-    att = model.attention(normalize_images(batch), tokens)
+    att = model.attention(x, tokens, image_hw=hw)
     maps, regions = word_maps(att)
     boxes = att.encoded.region_boxes
     routing = [

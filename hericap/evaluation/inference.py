@@ -7,7 +7,7 @@ import torch
 
 from hericap.checkpoint import load_checkpoint
 from hericap.data.text import Vocabulary
-from hericap.data.transforms import crop_batch, normalize_images
+from hericap.data.transforms import prepare_batch
 from hericap.models.captioner import Captioner
 
 __all__ = ["CaptionPredictor", "caption_batch"]
@@ -23,22 +23,25 @@ def caption_batch(
     length_penalty: float = 0.0,
     device: torch.device | str = "cpu",
     image_hw: np.ndarray | None = None,
+    collapse_repeats: bool = False,
 ) -> list[str]:
     """``uint8 [B, H, W, 3]`` images -> one caption each (greedy when ``beam_size == 1``).
 
     ``image_hw`` (``[B, 2]``, the real sizes on padded canvases) trims the padding the batch
-    does not need.
+    does not need and tells the model where each image is (its flavour decides how padding is
+    treated). ``collapse_repeats``: ``decode.collapse_repeats``.
     """
     if len(images) == 0:
         return []
-    images = crop_batch(images, image_hw, model.input_multiple)
+    x, hw = prepare_batch(images, image_hw, model.input_multiple, model.zero_padding, device)
     out = model.generate(
-        normalize_images(images, device),
+        x,
         beam_size=beam_size,
         max_len=max_len,
         length_penalty=length_penalty,
+        image_hw=hw,
     )
-    return [vocab.decode(seq[0].tolist()) for seq in out.tokens]
+    return [vocab.decode(seq[0].tolist(), collapse_repeats=collapse_repeats) for seq in out.tokens]
 
 
 class CaptionPredictor:
@@ -50,6 +53,7 @@ class CaptionPredictor:
         max_len: words at most.
         length_penalty: beam ranking length penalty.
         torch_threads: intra-op threads (0: leave torch's default).
+        collapse_repeats: collapse repeated words (``decode.collapse_repeats``).
     """
 
     def __init__(
@@ -59,11 +63,13 @@ class CaptionPredictor:
         max_len: int = 20,
         length_penalty: float = 0.0,
         torch_threads: int = 0,
+        collapse_repeats: bool = False,
     ) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.ckpt = load_checkpoint(checkpoint)
         self.beam_size, self.max_len, self.length_penalty = beam_size, max_len, length_penalty
+        self.collapse_repeats = collapse_repeats
 
     def caption(self, images: np.ndarray, image_hw: np.ndarray | None = None) -> list[str]:
         """``uint8 [B, H, W, 3]`` (real sizes ``image_hw``) -> one caption per image."""
@@ -75,6 +81,7 @@ class CaptionPredictor:
             max_len=self.max_len,
             length_penalty=self.length_penalty,
             image_hw=image_hw,
+            collapse_repeats=self.collapse_repeats,
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

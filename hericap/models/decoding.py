@@ -1,10 +1,14 @@
 """Caption decoding over the decoder's key/value cache: greedy, beam search and sampling.
 
 All functions take a decoder with ``init_cache``/``step``/``reorder_cache`` (see
-:class:`~hericap.models.decoder.HierarchicalDecoder`) and already-encoded memories, so the image
-encoder runs once per image whatever the decoding. The memories are never repeated per beam or
-sample: an image's beams are consecutive rows that the decoder folds into one cross-attention
-query block over the image's memory (``captions_per_memory``).
+:class:`~hericap.models.decoder.HierarchicalDecoder`) and already-encoded memories (with their
+padding masks, if any), so the image encoder runs once per image whatever the decoding. The
+memories are never repeated per beam or sample: an image's beams are consecutive rows that the
+decoder folds into one cross-attention query block over the image's memory
+(``captions_per_memory``).
+
+:func:`research_beam_search` is the research code's beam search (GRIT / HierCap
+``Transformer.iter``), for the research flavours; see its docstring for how it differs.
 """
 
 from __future__ import annotations
@@ -13,19 +17,35 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DecodeOutput", "beam_search", "greedy_decode", "sample_decode"]
+__all__ = [
+    "SEARCHES",
+    "DecodeOutput",
+    "beam_search",
+    "greedy_decode",
+    "research_beam_search",
+    "sample_decode",
+]
 
 Memories = dict[str, torch.Tensor]
+Masks = dict[str, torch.Tensor] | None
+# Beam search rules (``model.beam_search``).
+SEARCHES = ("hericap", "research")
+# The research beam search's score for every continuation of a finished beam but <unk>
+# (``old_seq_logprob[:, :, 1:] = -999``).
+RESEARCH_FINISHED_SCORE = -999.0
 
 
 @dataclass
 class DecodeOutput:
-    """``tokens [B, n, T]`` (words then ``<eos>``, padded), ``log_probs [B, n]`` (sum over the
-    tokens, ``<eos>`` included) and ``lengths [B, n]`` (tokens incl. ``<eos>``)."""
+    """``tokens [B, n, T]`` (words then ``<eos>``, then padding or, for the research search,
+    ``<unk>``), ``log_probs [B, n]`` (sum over the tokens, ``<eos>`` included), ``lengths
+    [B, n]`` (tokens incl. ``<eos>``) and ``token_log_probs [B, n, T]`` (each token's own
+    log-prob; 0 after ``<eos>``)."""
 
     tokens: torch.Tensor
     log_probs: torch.Tensor
     lengths: torch.Tensor
+    token_log_probs: torch.Tensor | None = None
 
 
 def _never_words(log_probs: torch.Tensor, bos_idx: int, pad_idx: int) -> torch.Tensor:
@@ -46,7 +66,13 @@ def _batch_size(memories: Memories) -> int:
 
 @torch.no_grad()
 def greedy_decode(
-    decoder, memories: Memories, max_len: int, bos_idx: int, eos_idx: int, pad_idx: int
+    decoder,
+    memories: Memories,
+    max_len: int,
+    bos_idx: int,
+    eos_idx: int,
+    pad_idx: int,
+    memory_masks: Masks = None,
 ) -> DecodeOutput:
     """Arg-max decoding of at most ``max_len`` words (then ``<eos>`` is forced)."""
     return _sequential_decode(
@@ -59,6 +85,7 @@ def greedy_decode(
         sample=False,
         temperature=1.0,
         num_samples=1,
+        memory_masks=memory_masks,
     )
 
 
@@ -72,6 +99,7 @@ def sample_decode(
     num_samples: int = 1,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    memory_masks: Masks = None,
 ) -> DecodeOutput:
     """Multinomial sampling of ``num_samples`` captions per image (SCST).
 
@@ -90,6 +118,7 @@ def sample_decode(
         temperature=temperature,
         num_samples=num_samples,
         generator=generator,
+        memory_masks=memory_masks,
     )
 
 
@@ -104,6 +133,7 @@ def _sequential_decode(
     temperature,
     num_samples,
     generator=None,
+    memory_masks=None,
 ) -> DecodeOutput:
     b = _batch_size(memories)
     n = b * num_samples
@@ -113,7 +143,9 @@ def _sequential_decode(
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     tokens, logps = [], []
     for t in range(max_len + 1):
-        logp, _ = decoder.step(last, memories, cache, t, captions_per_memory=num_samples)
+        logp, _ = decoder.step(
+            last, memories, cache, t, captions_per_memory=num_samples, memory_masks=memory_masks
+        )
         logp = _never_words(logp, bos_idx, pad_idx)
         if t == max_len:  # out of words: end here
             choice = torch.full_like(last, eos_idx)
@@ -132,10 +164,12 @@ def _sequential_decode(
             break
     seq = torch.stack(tokens, dim=1)
     lengths = (seq != pad_idx).sum(1)
+    per_token = torch.stack(logps, dim=1)
     return DecodeOutput(
         tokens=seq.view(b, num_samples, -1),
-        log_probs=torch.stack(logps, dim=1).sum(1).view(b, num_samples),
+        log_probs=per_token.sum(1).view(b, num_samples),
         lengths=lengths.view(b, num_samples),
+        token_log_probs=per_token.view(b, num_samples, -1),
     )
 
 
@@ -150,6 +184,7 @@ def beam_search(
     pad_idx: int,
     length_penalty: float = 0.0,
     n_best: int = 1,
+    memory_masks: Masks = None,
 ) -> DecodeOutput:
     """Batched beam search over the decoder's cache.
 
@@ -172,9 +207,12 @@ def beam_search(
     scores[:, 0] = 0.0  # all beams start identical: expand only the first
     finished = torch.zeros(b, k, dtype=torch.bool, device=device)
     seqs = torch.empty(b, k, 0, dtype=torch.long, device=device)
+    step_logps = torch.empty(b, k, 0, device=device)
     offsets = (torch.arange(b, device=device) * k)[:, None]
     for t in range(max_len + 1):
-        logp, _ = decoder.step(last, memories, cache, t, captions_per_memory=k)
+        logp, _ = decoder.step(
+            last, memories, cache, t, captions_per_memory=k, memory_masks=memory_masks
+        )
         v = logp.shape[-1]
         logp = _never_words(logp, bos_idx, pad_idx).view(b, k, v)
         if t == max_len:
@@ -186,9 +224,17 @@ def beam_search(
         logp = torch.where(finished[..., None], done, logp)
         top = (scores[..., None] + logp).view(b, k * v).topk(k, dim=-1)
         beam_idx, word = top.indices // v, top.indices % v
+        chosen = logp.view(b, k * v).gather(1, top.indices)
         scores = top.values
         seqs = torch.cat(
             [seqs.gather(1, beam_idx[..., None].expand(-1, -1, seqs.shape[2])), word[..., None]],
+            dim=2,
+        )
+        step_logps = torch.cat(
+            [
+                step_logps.gather(1, beam_idx[..., None].expand(-1, -1, step_logps.shape[2])),
+                chosen[..., None],
+            ],
             dim=2,
         )
         finished = finished.gather(1, beam_idx) | (word == eos_idx)
@@ -203,4 +249,81 @@ def beam_search(
         tokens=seqs.gather(1, order[..., None].expand(-1, -1, seqs.shape[2])),
         log_probs=scores.gather(1, order),
         lengths=lengths.gather(1, order),
+        token_log_probs=step_logps.gather(1, order[..., None].expand(-1, -1, seqs.shape[2])),
+    )
+
+
+@torch.no_grad()
+def research_beam_search(
+    decoder,
+    memories: Memories,
+    beam_size: int,
+    max_len: int,
+    bos_idx: int,
+    eos_idx: int,
+    n_best: int = 1,
+    memory_masks: Masks = None,
+) -> DecodeOutput:
+    """The research code's beam search (GRIT / HierCap ``Transformer.forward`` with
+    ``use_beam_search=True``), step for step.
+
+    Unlike :func:`beam_search`: exactly ``max_len`` steps and no forced ``<eos>``; any word may
+    be chosen (``<bos>`` and ``<pad>`` too); a beam that has emitted ``<eos>`` continues with
+    ``<unk>`` (index 0) at log-prob 0, every other continuation of it scoring -999; candidates
+    are ranked by a descending sort of the running sums, and the final beams too; no length
+    normalisation.
+
+    Returns ``tokens [B, n, max_len]`` and ``token_log_probs`` exactly as the research code
+    returns them (``n = min(n_best, beam_size)``).
+    """
+    b, k = _batch_size(memories), beam_size
+    device = next(iter(memories.values())).device
+    cache = decoder.init_cache()
+    last = torch.full((b,), bos_idx, dtype=torch.long, device=device)
+    scores = torch.zeros(b, 1, 1, device=device)
+    alive = torch.ones(b, k, 1, device=device)  # the research seq_mask
+    seqs = torch.empty(b, k, 0, dtype=torch.long, device=device)
+    step_logps = torch.empty(b, k, 0, device=device)
+    for t in range(max_len):
+        width = 1 if t == 0 else k
+        logp, _ = decoder.step(
+            last, memories, cache, t, captions_per_memory=width, memory_masks=memory_masks
+        )
+        logp = logp.view(b, width, -1)
+        v = logp.shape[-1]
+        candidates = scores + logp
+        if t > 0:
+            alive = alive * (last.view(b, k, 1) != eos_idx).float()
+            logp = logp * alive
+            finished = scores.expand_as(candidates).clone()
+            finished[:, :, 1:] = RESEARCH_FINISHED_SCORE
+            candidates = alive * candidates + finished * (1 - alive)
+        ranked, index = torch.sort(candidates.view(b, width * v), -1, descending=True)
+        ranked, index = ranked[:, :k], index[:, :k]
+        beam = torch.div(index, v, rounding_mode="floor")
+        word = index - beam * v
+        if t == 0:  # every beam starts from the one <bos> row: k rows per image from now on
+            decoder.reorder_cache(cache, torch.arange(b, device=device).repeat_interleave(k))
+        else:
+            offsets = (torch.arange(b, device=device) * k)[:, None]
+            decoder.reorder_cache(cache, (offsets + beam).view(-1))
+        scores = ranked[..., None]
+        alive = alive.gather(1, beam[..., None]) if t > 0 else alive
+        chosen = logp.gather(1, beam[..., None].expand(-1, -1, v)).gather(2, word[..., None])
+        seqs = torch.cat([seqs.gather(1, beam[..., None].expand(-1, -1, t)), word[..., None]], 2)
+        step_logps = torch.cat(
+            [step_logps.gather(1, beam[..., None].expand(-1, -1, t)), chosen], dim=2
+        )
+        last = word.view(-1)
+    final, order = torch.sort(scores, 1, descending=True)
+    n = min(n_best, k)
+    tokens = seqs.gather(1, order.expand(-1, -1, max_len))[:, :n]
+    per_token = step_logps.gather(1, order.expand(-1, -1, max_len))[:, :n]
+    ends = (tokens == eos_idx).int()
+    lengths = torch.where(ends.any(-1), ends.argmax(-1) + 1, torch.full_like(ends[..., 0], max_len))
+    return DecodeOutput(
+        tokens=tokens,
+        log_probs=final[:, :n, 0],
+        lengths=lengths,
+        token_log_probs=per_token,
     )

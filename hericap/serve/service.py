@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from hericap.checkpoint import load_checkpoint
-from hericap.data.transforms import crop_batch, normalize_images, resize_spec, resize_to_canvas
+from hericap.data.transforms import prepare_batch, resize_spec, resize_to_canvas
 from hericap.evaluation.explain import WordAttention, word_attention
 
 __all__ = ["CaptionService", "attention_json", "model_id"]
@@ -62,20 +62,31 @@ def model_id(checkpoint: str | Path, meta: dict[str, Any]) -> str:
 
 @dataclass
 class CaptionService:
-    """A loaded checkpoint that captions lists of PIL images (beam search, top-n beams)."""
+    """A loaded checkpoint that captions lists of PIL images (beam search, top-n beams).
+
+    The images of one call are decoded as one batch, padded as the checkpoint's flavour pads
+    (``model.padding``: HeriCap's captions do not depend on the batch; a research flavour pads
+    like the research code, so its captions do). ``collapse_repeats`` None: the checkpoint's
+    ``decode.collapse_repeats``.
+    """
 
     checkpoint: str
     beam_size: int = 5
     n_best: int = 3
     max_len: int = 20
     torch_threads: int = 0
+    collapse_repeats: bool | None = None
 
     def __post_init__(self) -> None:
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
-        if not 1 <= self.n_best <= self.beam_size:
-            raise ValueError(f"n_best={self.n_best} must be in [1, beam_size={self.beam_size}]")
+        if self.n_best < 1:
+            raise ValueError(f"n_best={self.n_best} must be >= 1")
         self.loaded = load_checkpoint(self.checkpoint)  # weights_only=True, strict
+        if self.n_best > self.beam_size and self.loaded.model.search != "research":
+            raise ValueError(f"n_best={self.n_best} must be in [1, beam_size={self.beam_size}]")
+        if self.collapse_repeats is None:
+            self.collapse_repeats = self.loaded.config.decode.collapse_repeats
         self.resize = resize_spec(self.loaded.config.dataset)
         self.id = model_id(self.checkpoint, self.loaded.meta)
 
@@ -85,20 +96,30 @@ class CaptionService:
 
     @torch.no_grad()
     def caption(self, images: list[Image.Image]) -> list[dict[str, Any]]:
-        """One result per image: ``caption``, ``beams`` ([{caption, log_prob}], best first)."""
+        """One result per image: ``caption``, ``beams`` (best first: ``caption``, ``log_prob``,
+        ``tokens`` as the search returns them and each token's ``token_log_probs``)."""
         if not images:
             return []
         t0 = time.perf_counter()
         model, vocab = self.loaded.model, self.loaded.vocab
         batch, sizes = self.prepare(images)
-        x = normalize_images(crop_batch(batch, sizes, model.input_multiple))
-        out = model.generate(x, beam_size=self.beam_size, max_len=self.max_len, n_best=self.n_best)
+        x, hw = prepare_batch(batch, sizes, model.input_multiple, model.zero_padding)
+        out = model.generate(
+            x, beam_size=self.beam_size, max_len=self.max_len, n_best=self.n_best, image_hw=hw
+        )
         decode_ms = 1000 * (time.perf_counter() - t0)
         results = []
-        for tokens, log_probs in zip(out.tokens, out.log_probs, strict=True):
+        for tokens, log_probs, per_token in zip(
+            out.tokens, out.log_probs, out.token_log_probs, strict=True
+        ):
             beams = [
-                {"caption": vocab.decode(t.tolist()), "log_prob": float(lp)}
-                for t, lp in zip(tokens, log_probs, strict=True)
+                {
+                    "caption": vocab.decode(t.tolist(), collapse_repeats=self.collapse_repeats),
+                    "log_prob": float(lp),
+                    "tokens": t.tolist(),
+                    "token_log_probs": tl.tolist(),
+                }
+                for t, lp, tl in zip(tokens, log_probs, per_token, strict=True)
             ]
             results.append(
                 {

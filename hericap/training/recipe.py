@@ -33,7 +33,7 @@ from hericap.checkpoint import save_checkpoint as write_checkpoint_folder
 from hericap.checkpoint.folder import read_model_state
 from hericap.config.loader import from_dict
 from hericap.data.text import Vocabulary
-from hericap.data.transforms import crop_batch, normalize_images, resize_spec
+from hericap.data.transforms import prepare_batch, resize_spec
 from hericap.models.builder import build_captioner, format_parameter_summary
 from hericap.models.weights import load_state_dict_strict
 from hericap.training.optim import build_optimizer, constant_lr, warmup_cosine, warmup_length
@@ -334,8 +334,11 @@ class CaptionRecipe:
     def _train_batch(self, batch: dict[str, Any], state: EpochState) -> bool:
         """Forward and backward one batch (gradients accumulate); returns whether it completed an
         optimiser step."""
-        images = normalize_images(
-            crop_batch(batch["image"], batch.get("image_hw"), self.net.input_multiple),
+        images, image_hw = prepare_batch(
+            batch["image"],
+            batch.get("image_hw"),
+            self.net.input_multiple,
+            self.net.zero_padding,
             self.device,
         )
         update = (state.batches + 1) % self.accum == 0
@@ -344,9 +347,9 @@ class CaptionRecipe:
         with sync:
             with _autocast(self.device, self.cfg.exp.mixed_precision):
                 if self.phase.kind == "xe":
-                    loss = self._xe_loss(images, batch["captions"])
+                    loss = self._xe_loss(images, image_hw, batch["captions"])
                 else:
-                    loss, state.last_reward = self._scst_loss(images, batch["image_id"])
+                    loss, state.last_reward = self._scst_loss(images, image_hw, batch["image_id"])
                     state.reward_sum += state.last_reward
             (loss / self.accum).backward()
         state.batches += 1
@@ -358,7 +361,9 @@ class CaptionRecipe:
         self._log_step(loss.item(), grad_norm, state)
         return True
 
-    def _xe_loss(self, images: torch.Tensor, captions: Any) -> torch.Tensor:
+    def _xe_loss(
+        self, images: torch.Tensor, image_hw: torch.Tensor | None, captions: Any
+    ) -> torch.Tensor:
         """Teacher-forced cross-entropy of ``captions_per_image`` captions per image."""
         opt = self.cfg.optimizer
         k = opt.captions_per_image
@@ -366,10 +371,12 @@ class CaptionRecipe:
             pick_captions(captions, k, self.caption_rng),
             max_len=self.cfg.dataset.max_caption_len,
         ).to(self.device)
-        log_probs = self.model(images, tokens[:, :-1], captions_per_image=k)
+        log_probs = self.model(images, tokens[:, :-1], captions_per_image=k, image_hw=image_hw)
         return xe_loss(log_probs.float(), tokens[:, 1:], self.vocab.pad_idx, opt.label_smoothing)
 
-    def _scst_loss(self, images: torch.Tensor, image_ids: Any) -> tuple[torch.Tensor, float]:
+    def _scst_loss(
+        self, images: torch.Tensor, image_hw: torch.Tensor | None, image_ids: Any
+    ) -> tuple[torch.Tensor, float]:
         """The self-critical loss and the batch's mean reward."""
         return scst_step(
             self.model,
@@ -379,6 +386,7 @@ class CaptionRecipe:
             self.scst_decode,
             self.cfg.optimizer.sc_baseline,
             self.vocab.eos_idx,
+            image_hw=image_hw,
         )
 
     def _optimizer_step(self) -> float | None:

@@ -128,18 +128,19 @@ def make_scst_decoder(
         raise ValueError(f"unknown SCST baseline {baseline!r}; known: {list(SCST_BASELINES)}")
     ids = {"bos_idx": bos_idx, "eos_idx": eos_idx, "pad_idx": pad_idx}
 
-    def decode(model, memories):
+    def decode(model, memories, memory_masks=None):
         decoder = model.decoder
+        masks = {"memory_masks": memory_masks, **ids}
         if baseline == "beam_mean":
             out = beam_search(
-                decoder, memories, num_sequences, max_len, n_best=num_sequences, **ids
+                decoder, memories, num_sequences, max_len, n_best=num_sequences, **masks
             )
             return out.tokens, None
         out = sample_decode(
-            decoder, memories, max_len, num_samples=num_sequences, temperature=temperature, **ids
+            decoder, memories, max_len, num_samples=num_sequences, temperature=temperature, **masks
         )
         if baseline == "greedy":
-            return out.tokens, greedy_decode(decoder, memories, max_len, **ids).tokens
+            return out.tokens, greedy_decode(decoder, memories, max_len, **masks).tokens
         return out.tokens, None
 
     return decode
@@ -153,13 +154,15 @@ def scst_step(
     decode,
     baseline: str,
     eos_idx: int,
+    image_hw: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float]:
     """One SCST loss: decode (no gradients), reward, baseline, policy-gradient loss.
 
     ``model`` is the (possibly DDP-wrapped) captioner; ``decode`` comes from
-    :func:`make_scst_decoder`. Returns the loss and the batch's mean reward.
+    :func:`make_scst_decoder`; ``image_hw`` the images' real sizes in a padded batch. Returns
+    the loss and the batch's mean reward.
     """
-    token_log_probs, sequences, greedy = model(images, decode=decode)
+    token_log_probs, sequences, greedy = model(images, decode=decode, image_hw=image_hw)
     b, k, t = sequences.shape
     flat = sequences.reshape(b * k, t)
     ids = [str(i) for i in image_ids]
