@@ -122,9 +122,10 @@ def clip_report(
     try:
         scorer = ClipScorer.load(clip_model, checkpoint, batch_size)
         scores = scorer.score(images(), candidates, references)
-    except (OSError, RuntimeError, ValueError) as e:
-        logger.error("CLIPScore failed, reported unavailable: %s", e)
-        return out | {"available": False, "status": f"CLIP failed: {e}"}
+    except (OSError, RuntimeError, ValueError, AssertionError) as e:
+        # open_clip's loader asserts on some mismatched weights (text width, say)
+        logger.error("CLIPScore failed, reported unavailable: %s: %s", type(e).__name__, e)
+        return out | {"available": False, "status": f"CLIP failed: {type(e).__name__}: {e}"}
     out |= {"available": True, "status": status.reason, **scores.corpus}
     if per_image:
         out["per_image"] = scores.per_image
@@ -197,8 +198,9 @@ def _load(clip_model: str, weights: Path) -> tuple[torch.nn.Module, Any, Any]:
     from open_clip.model import build_model_from_openai_state_dict
 
     if _is_torchscript(weights):
-        state = torch.jit.load(str(weights), map_location="cpu").state_dict()
-        for key in ("input_resolution", "context_length", "vocab_size"):
+        state = dict(torch.jit.load(str(weights), map_location="cpu").state_dict())
+        # OpenAI's archives keep their sizes as tensors; a traced open_clip keeps its mask
+        for key in ("input_resolution", "context_length", "vocab_size", "attn_mask"):
             state.pop(key, None)
         model = build_model_from_openai_state_dict(state, cast_dtype=None)
         name = "ViT-B-32"
