@@ -6,7 +6,9 @@ exactly, a checkpoint resumes exactly, and checkpoints average only when they ar
 from __future__ import annotations
 
 import json
+import logging
 
+import numpy as np
 import pytest
 import torch
 from tiny_model import TINY_MODEL
@@ -204,3 +206,134 @@ def test_average_refuses_checkpoints_that_differ_and_lists_the_differences(tmp_p
         average_checkpoints([tmp_path / "a"], tmp_path / "p")
     with pytest.raises(FileNotFoundError):
         average_checkpoints([tmp_path / "a", tmp_path / "nothing"], tmp_path / "p")
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+
+@pytest.fixture
+def ray_train_stub(monkeypatch, tmp_path):
+    """The few ray.train calls a one-worker recipe makes, answered in this process (no Ray
+    cluster): reported checkpoints are copied to ``tmp_path/reported<n>``; ``resume_from[0]``
+    is what ``get_checkpoint`` returns."""
+    import shutil
+    from types import SimpleNamespace
+
+    import ray.train
+    import ray.train.torch
+
+    reported: list[tuple[dict, object]] = []
+    resume_from: list = [None]
+
+    def report(metrics, checkpoint=None):
+        copy = None
+        if checkpoint is not None:
+            copy = tmp_path / f"reported{len(reported)}"
+            shutil.copytree(checkpoint.path, copy)
+        reported.append((metrics, copy))
+
+    context = SimpleNamespace(get_world_rank=lambda: 0, get_world_size=lambda: 1)
+    monkeypatch.setattr(ray.train, "get_context", lambda: context)
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: resume_from[0])
+    monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: None)
+    monkeypatch.setattr(ray.train, "report", report)
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(ray.train.torch, "prepare_model", lambda model: model)
+    return reported, resume_from
+
+
+def _recipe():
+    from hericap.config.loader import to_dict
+    from hericap.data.text import Vocabulary
+    from hericap.training.recipe import CaptionRecipe
+
+    cfg = load_config(
+        [
+            *TINY,
+            "optimizer.ema_decay=0.5",
+            "optimizer.batch_size=4",
+            "optimizer.warmup_steps=1",
+            "optimizer.captions_per_image=1",
+            "evaluation.collapse_unique_share=0.5",
+        ]
+    )
+    vocab = Vocabulary(["a", "red", "blue", "circle", "square"])
+    recipe = CaptionRecipe(
+        {
+            "config": to_dict(cfg),
+            "vocab": vocab.to_dict(),
+            "val_files": [],
+            "val_references": {},
+            "train_references": {},
+            "batches_per_epoch": 4,
+        }
+    )
+    assert recipe.setup()
+    return recipe
+
+
+def _batch(i: int) -> dict:
+    rng = np.random.default_rng(i)
+    return {
+        "image": rng.integers(0, 255, (4, 64, 64, 3), dtype=np.uint8),
+        "captions": [["a red circle"], ["a blue square"], ["a red square"], ["a blue circle"]],
+        "image_id": np.array([f"{i}-{j}" for j in range(4)]),
+    }
+
+
+def test_the_recipe_validates_checkpoints_and_resumes_the_average_exactly(
+    ray_train_stub, monkeypatch, caplog
+):
+    """The worker recipe with optimizer.ema_decay (Ray's calls answered in-process): every
+    optimiser step updates the average; validation decodes with the average and training gets
+    its weights back; the epoch records the setting and the collapse alarm; the checkpoint holds
+    the average as model.pt and the raw weights in its training state; a recipe resumed from it
+    continues exactly as the one that wrote it."""
+    from hericap.evaluation.diversity import diversity_scores
+    from hericap.training import recipe as recipe_module
+    from hericap.training.recipe import EpochState
+    from hericap.training.validation import ValidationResult
+
+    reported, resume_from = ray_train_stub
+    recipe = _recipe()
+    state = EpochState(0)
+    for i in range(3):
+        assert recipe._train_batch(_batch(i), state)
+    assert recipe.ema.updates == 3 and recipe.step == 3
+
+    seen: dict[str, torch.Tensor] = {}
+
+    def fake_validate(net, *args, **kwargs):
+        seen.update({k: v.clone() for k, v in net.state_dict().items()})
+        same = {str(i): "a red circle" for i in range(8)}  # a collapsed model's captions
+        return ValidationResult(
+            0.25, 8, diversity_scores(same, None, kwargs["collapse_unique_share"])
+        )
+
+    monkeypatch.setattr(recipe_module, "validate", fake_validate)
+    raw = {k: v.clone() for k, v in recipe.net.state_dict().items()}
+    average = {k: v.clone() for k, v in recipe.ema.state_dict_for(recipe.net).items()}
+    with caplog.at_level(logging.WARNING):
+        recipe._end_epoch(state)
+    assert all(torch.equal(seen[k], v) for k, v in average.items())  # validated: the average
+    assert any(not torch.equal(seen[k], raw[k]) for k in raw if raw[k].is_floating_point())
+    assert all(torch.equal(v, raw[k]) for k, v in recipe.net.state_dict().items())  # given back
+    metrics, folder = reported[-1]
+    assert metrics["ema_decay"] == 0.5 and metrics["val_collapse"] and metrics["val_CIDEr"] == 0.25
+    assert "caption collapse" in caplog.text and "optimizer.xe_lr" in caplog.text
+    saved = torch.load(folder / "model.pt", weights_only=True)
+    train_state = torch.load(folder / "training_state.pt", weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in average.items())
+    assert all(torch.equal(train_state["raw_model"][k], v) for k, v in raw.items())
+    assert train_state["ema"] == {"decay": 0.5, "updates": 3}
+
+    from ray.train import Checkpoint
+
+    resume_from[0] = Checkpoint.from_directory(str(folder))
+    resumed = _recipe()
+    assert resumed.ema.updates == 3 and resumed.step == 3
+    for r in (recipe, resumed):
+        r._train_batch(_batch(3), EpochState(1))
+    for k, v in recipe.net.state_dict().items():
+        assert torch.equal(resumed.net.state_dict()[k], v), k
+        assert torch.equal(resumed.ema.shadow.get(k, v), recipe.ema.shadow.get(k, v)), k
