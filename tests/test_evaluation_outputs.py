@@ -355,3 +355,47 @@ def test_nocaps_shards_are_scored_per_domain_and_written_for_evalai(
         source=test.source,
     )
     assert len(json.loads((tmp_path / "nocaps_test_hc_evalai.json").read_text())) == 4
+
+
+@pytest.mark.realdata
+def test_coco_test2014_images_without_captions_give_the_server_file(realdata, tmp_path):
+    """An image-info file (no annotations, as COCO ships test2014) over real photos named as
+    COCO names them: prepared, read back, reported unscored and written in the server's
+    layout (integer ids, sorted, captions_test2014_<name>_results.json)."""
+    import shutil
+
+    from hericap.config import load_config
+    from hericap.data.prepare import prepare_records
+    from hericap.data.readers import read_coco_captions
+    from hericap.evaluation.coco_metrics import CocoScorer
+    from hericap.runtime.batch_eval import score_split, split_references
+
+    photos = sorted((realdata / "flickr8k/images").glob("*.jpg"))[:5]
+    images = []
+    for i, photo in enumerate(photos):
+        name = f"COCO_test2014_{1000 + 7 * i:012d}.jpg"
+        shutil.copy(photo, tmp_path / name)
+        images.append({"id": 1000 + 7 * i, "file_name": name})
+    (tmp_path / "image_info_test2014.json").write_text(json.dumps({"images": images}))
+    records = read_coco_captions(tmp_path / "image_info_test2014.json", tmp_path, split="test")
+    assert all(r.captions == [] for r in records)
+    prepare_records(records, tmp_path / "shards", source="coco_captions", progress=False)
+    cfg = load_config(["dataset.name=coco_captions", f"dataset.shard_dir={tmp_path / 'shards'}"])
+    split = split_references(cfg, "test")
+    cands = {k: f"a photo number {k}" for k in split.references}
+    with CocoScorer(meteor=False) as scorer:
+        report = score_split(cfg, split, cands, scorer)
+    assert report["metrics"] is None and report["diversity"]["unique_share"] == 1.0
+    files = write_evaluation_files(
+        tmp_path / "out",
+        "test",
+        cands,
+        report,
+        name=submission_name(None, "coco_run"),
+        source=split.source,
+        file_names=split.file_names.values(),
+    )
+    assert files["coco_server"].endswith("captions_test2014_coco-run_results.json")
+    server = json.loads((tmp_path / "out/captions_test2014_coco-run_results.json").read_text())
+    assert [r["image_id"] for r in server] == [1000 + 7 * i for i in range(5)]
+    assert server[0] == {"image_id": 1000, "caption": "a photo number 1000"}
