@@ -162,6 +162,9 @@ def test_clip_weights_from_s3_and_what_happens_without_them(
     with pytest.raises(FileNotFoundError):
         check_clip_setup("s3://clip/w/missing.pt")
     assert not clip_status("openai").available  # a hub tag is not a file: never fetched
+    with pytest.raises(ValueError, match="not an open_clip model"):
+        check_clip_setup(str(weights), "ViT-B/32")  # the paper's spelling, not open_clip's
+    check_clip_setup(str(weights), str(config))
     # weights of another architecture: reported unavailable with the load error, not a crash
     wrong = clip_report(str(weights), "ViT-B-32-quickgelu", lambda: iter(images.items()), cands)
     assert not wrong["available"] and wrong["status"].startswith("CLIP failed")

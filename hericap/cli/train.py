@@ -25,7 +25,7 @@ def _train_and_test(cfg, skip_test: bool = False, compare_xe: bool = False) -> d
     from hericap.training.driver import train
 
     if not skip_test:  # a CLIP set-up that cannot work fails now, not after training
-        check_clip_setup(cfg.evaluation.clip_checkpoint)
+        check_clip_setup(cfg.evaluation.clip_checkpoint, cfg.evaluation.clip_model)
     with ray_session(cfg.exp.ray_address, cfg.exp.ray_num_cpus):
         outcome = train(cfg)
         if outcome.best_checkpoint is None:

@@ -78,20 +78,25 @@ def clip_status(checkpoint: str | None) -> ClipStatus:
     return ClipStatus(True, f"weights {checkpoint}")
 
 
-def check_clip_setup(checkpoint: str | None) -> None:
-    """Before a long run: weights that were asked for (``evaluation.clip_checkpoint``) exist and
-    ``open_clip`` imports. Without weights there is nothing to check (the score is reported
-    unavailable).
+def check_clip_setup(checkpoint: str | None, clip_model: str = "ViT-B-32-quickgelu") -> None:
+    """Before a long run: weights that were asked for (``evaluation.clip_checkpoint``) exist,
+    ``open_clip`` imports and knows ``clip_model`` (unless the weights are a local TorchScript
+    file, which carries its architecture). Without weights there is nothing to check (the score
+    is reported unavailable).
 
     Raises:
-        FileNotFoundError: the weights are not there.
-        ValueError: ``open_clip`` is missing.
+        FileNotFoundError: the weights (or a model-config file) are not there.
+        ValueError: ``open_clip`` is missing, or ``clip_model`` is not an open_clip model.
     """
     status = clip_status(checkpoint)
-    if checkpoint and not status.available:
+    if not checkpoint:
+        return
+    if not status.available:
         if "open_clip" in status.reason:
             raise ValueError(f"evaluation.clip_checkpoint is set but {status.reason}")
         raise FileNotFoundError(status.reason)
+    if storage.is_s3(checkpoint) or not _is_torchscript(Path(checkpoint)):
+        _model_name(clip_model)
 
 
 def clip_report(

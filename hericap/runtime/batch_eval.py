@@ -211,7 +211,8 @@ def evaluate_checkpoint(
     """
     t0 = time.time()
     checkpoint = Path(checkpoint).resolve()
-    check_clip_setup(cfg.evaluation.clip_checkpoint)  # before the decode, not after
+    # a CLIP set-up that cannot work fails before the decode, not after
+    check_clip_setup(cfg.evaluation.clip_checkpoint, cfg.evaluation.clip_model)
     images = split_references(cfg, split)
     candidates = decode_split(cfg, checkpoint, images)
     decode_s = time.time() - t0
