@@ -11,6 +11,7 @@ import re
 import numpy as np
 import pytest
 
+from hericap.config import load_config
 from hericap.evaluation.diversity import caption_fingerprints, collapse_warning, diversity_scores
 from hericap.evaluation.report import build_report, format_table, format_worst
 from hericap.evaluation.submission import (
@@ -294,7 +295,6 @@ def test_nocaps_shards_are_scored_per_domain_and_written_for_evalai(
 ):
     """The batch-evaluation path after decoding: the domains come from the shards' meta column,
     val is scored overall and per domain, test (no captions) is written for EvalAI unscored."""
-    from hericap.config import load_config
     from hericap.runtime.batch_eval import score_split, split_references
 
     cfg = load_config(
@@ -364,7 +364,6 @@ def test_coco_test2014_images_without_captions_give_the_server_file(realdata, tm
     layout (integer ids, sorted, captions_test2014_<name>_results.json)."""
     import shutil
 
-    from hericap.config import load_config
     from hericap.data.prepare import prepare_records
     from hericap.data.readers import read_coco_captions
     from hericap.evaluation.coco_metrics import CocoScorer
@@ -399,3 +398,19 @@ def test_coco_test2014_images_without_captions_give_the_server_file(realdata, tm
     server = json.loads((tmp_path / "out/captions_test2014_coco-run_results.json").read_text())
     assert [r["image_id"] for r in server] == [1000 + 7 * i for i in range(5)]
     assert server[0] == {"image_id": 1000, "caption": "a photo number 1000"}
+
+
+def test_eval_per_image_and_worst_options_become_evaluation_keys():
+    from hericap.cli import build_parser
+    from hericap.cli.train import eval_overrides
+
+    args = build_parser().parse_args(["eval", "exp.checkpoint=c", "--per-image", "--worst", "5"])
+    overrides = eval_overrides(args)
+    assert overrides == [
+        "exp.checkpoint=c",
+        "evaluation.per_image=True",
+        "evaluation.worst_images=5",
+    ]
+    cfg = load_config(overrides)
+    assert cfg.evaluation.per_image and cfg.evaluation.worst_images == 5
+    assert eval_overrides(build_parser().parse_args(["eval", "split=val"])) == ["split=val"]

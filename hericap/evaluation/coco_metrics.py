@@ -165,6 +165,15 @@ class Scores:
     groups: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
 
+def _check_ids(references: Mapping[str, object], candidates: Mapping[str, object]) -> None:
+    if set(references) != set(candidates):
+        missing = sorted(set(references) - set(candidates))[:5]
+        extra = sorted(set(candidates) - set(references))[:5]
+        raise ValueError(f"ids differ: without candidate {missing}, without references {extra}")
+    if not candidates:
+        raise ValueError("nothing to score")
+
+
 class CocoScorer:
     """Score captions with the coco-caption toolkit; reuses one METEOR JVM across calls.
 
@@ -196,6 +205,20 @@ class CocoScorer:
             {k: [{"caption": c} for c in v] for k, v in captions.items()}
         )
 
+    def tokenize_pair(
+        self, references: Mapping[str, Sequence[str]], candidates: Mapping[str, str]
+    ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+        """References and candidates PTB-tokenised in one Java run (each line is tokenised on
+        its own, so this equals two runs and saves a JVM start). Candidates go first: an empty
+        caption on the last line would get no output line from the tokeniser."""
+        both = self.tokenize(
+            {("c", k): [v] for k, v in candidates.items()}
+            | {("r", k): list(v) for k, v in references.items()}
+        )
+        gts = {k: both[("r", k)] for k in references if ("r", k) in both}
+        res = {k: both[("c", k)] for k in candidates}
+        return gts, res
+
     def score(
         self, references: Mapping[str, Sequence[str]], candidates: Mapping[str, str]
     ) -> dict[str, float | None]:
@@ -219,14 +242,19 @@ class CocoScorer:
         Raises:
             ValueError: the ids of references and candidates differ, or there are none.
         """
-        if set(references) != set(candidates):
-            missing = sorted(set(references) - set(candidates))[:5]
-            extra = sorted(set(candidates) - set(references))[:5]
-            raise ValueError(f"ids differ: without candidate {missing}, without references {extra}")
-        if not candidates:
-            raise ValueError("nothing to score")
-        gts = self.tokenize(references)
-        res = self.tokenize({k: [v] for k, v in candidates.items()})
+        _check_ids(references, candidates)
+        return self.evaluate_tokenized(*self.tokenize_pair(references, candidates), groups)
+
+    def evaluate_tokenized(
+        self,
+        gts: Mapping[str, list[str]],
+        res: Mapping[str, list[str]],
+        groups: Mapping[str, str] | None = None,
+    ) -> Scores:
+        """:meth:`evaluate` of captions :meth:`tokenize_pair` has tokenised already (a report
+        scores several subsets of the same captions)."""
+        _check_ids(gts, res)
+        gts, res = dict(gts), dict(res)
         spice = self._spice(gts, res)
         scores = self._toolkit(gts, res, spice)
         for group in sorted(set((groups or {}).values())):

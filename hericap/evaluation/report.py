@@ -69,15 +69,17 @@ def build_report(
         report["domain_images"] = _counts(groups, candidates)
     if not any(references.values()):
         return report | _unscored()
-    scores = scorer.evaluate(references, candidates, groups)
-    multi = {k: list(v) for k, v in references.items() if len(v) >= 2}
+    # one Java tokenisation for every score below (the oracle's captions are references)
+    gts, res = scorer.tokenize_pair(references, candidates)
+    scores = scorer.evaluate_tokenized(gts, res, groups)
+    multi = [k for k, v in references.items() if len(v) >= 2]
     metrics_4ref = oracle = oracle_diversity = None
     if multi:
-        rest = {k: v[1:] for k, v in multi.items()}
-        metrics_4ref = scorer.score(rest, {k: candidates[k] for k in multi})
+        rest = {k: gts[k][1:] for k in multi}
+        metrics_4ref = scorer.evaluate_tokenized(rest, {k: res[k] for k in multi}).corpus
         if with_oracle:
-            firsts = {k: v[0] for k, v in multi.items()}
-            oracle = scorer.score(rest, firsts)
+            oracle = scorer.evaluate_tokenized(rest, {k: gts[k][:1] for k in multi}).corpus
+            firsts = {k: references[k][0] for k in multi}
             oracle_diversity = diversity_scores(firsts, train_fingerprints, collapse_unique_share)
     semantic = oracle_semantic = None
     if scenes:
