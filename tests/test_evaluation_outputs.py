@@ -42,11 +42,8 @@ def fakecap(realdata):
 
 
 @pytest.fixture(scope="module")
-def scorer():
-    from hericap.evaluation.coco_metrics import CocoScorer
-
-    with CocoScorer() as s:
-        yield s
+def scorer(coco_scorer):
+    return coco_scorer
 
 
 def _tokenised(refs, cands):
