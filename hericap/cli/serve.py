@@ -41,6 +41,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     url = start(serve_args, args.host, args.port)
     print(f"serving {serve_args['checkpoint']} at {url} (POST /caption, GET /healthz, /docs)")
+    print(f"open {url}/ in a browser to caption an image and see where the model looks")
     try:
         wait_forever()
     finally:

@@ -59,7 +59,8 @@ class ExpConfig:
     cpus_per_worker: float = 1.0
     # torch intra-op threads per worker; 0 means "as many as cpus_per_worker, at least 1".
     torch_threads: int = 0
-    # Ray cluster to join (None: start or reuse a local one).
+    # Ray cluster to join ("auto": the one `ray start` began on this machine; None: $RAY_ADDRESS
+    # when set, as in `ray job submit`, else a local cluster started for this run).
     ray_address: str | None = None
     # Logical CPUs of a local Ray cluster started by us (None: Ray's default, the machine's cores).
     ray_num_cpus: int | None = None

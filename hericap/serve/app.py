@@ -3,7 +3,13 @@
 * ``POST /caption``: the image as the raw body (an image content type) or as multipart field
   ``image``; returns the caption, the top-n beams with their log-probabilities, the model id
   and timings. Bad input gets a 4xx JSON ``{"error": reason}``; nothing is fetched from URLs.
-* ``GET /healthz``: the model id and the batching settings.
+* ``POST /explain``: the same upload (the same refusals), and optionally ``?caption=`` (else the
+  model's own, decoded through the batch); returns per-word attention maps as JSON (the
+  ``hericap caption --explain`` view, drawn by the page). It runs outside the batch, one at a
+  time per replica, off the event loop.
+* ``GET /``: the web page (``static/index.html``, self-contained: no external scripts, styles or
+  fonts): pick or drop an image, see the caption, the beams, the heatmaps, the model and timings.
+* ``GET /healthz``: the model id, the batching settings and the upload limits.
 * ``/docs``: OpenAPI (FastAPI's).
 
 Requests are batched by ``@serve.batch``; ``max_ongoing_requests`` is set above the batch size
@@ -23,17 +29,25 @@ load is light.
 # No `from __future__ import annotations` here: FastAPI resolves the endpoint signatures of a
 # Serve ingress class at run time, and string annotations (Request) break that.
 import asyncio
+import functools
+import importlib.resources
 import logging
 import time
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 from ray import serve
 from ray.serve import Application
 
-from hericap.serve.images import ImageLimits, UploadRejectedError, check_content_type, open_upload
+from hericap.serve.images import (
+    IMAGE_CONTENT_TYPES,
+    ImageLimits,
+    UploadRejectedError,
+    check_content_type,
+    open_upload,
+)
 from hericap.serve.service import CaptionService
 
 __all__ = ["DEFAULTS", "build_app", "serve_config"]
@@ -61,6 +75,16 @@ api = FastAPI(
     title="HeriCap captioning",
     description="POST an image, get captions (hierarchical encoder-decoder, beam search).",
 )
+
+
+# longest ?caption= that /explain reads (max_len words never need more)
+MAX_CAPTION_CHARS = 1000
+
+
+@functools.cache
+def page_html() -> str:
+    """The web page served at ``GET /`` (package data ``hericap/serve/static/index.html``)."""
+    return (importlib.resources.files("hericap.serve") / "static" / "index.html").read_text()
 
 
 def _error(status: int, reason: str) -> JSONResponse:
@@ -101,6 +125,8 @@ class CaptionDeployment:
         )  # fmt: skip
         self.limits = limits
         self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
+        # explanations skip the batch; one at a time keeps them from crowding batches off the CPU
+        self._explaining = asyncio.Semaphore(1)
         self._batched.set_max_batch_size(max_batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
         logger.info("serving %s (batches of up to %d)", self.service.id, max_batch_size)
@@ -159,6 +185,45 @@ class CaptionDeployment:
             }
         )
 
+    @api.post("/explain")
+    async def explain(self, request: Request, caption: str | None = None) -> JSONResponse:
+        """Per-word attention of ``caption`` (default: the model's own) over the uploaded image,
+        sent like ``POST /caption``: ``words``, ``maps [T][h][w]`` or ``regions``, ``routing``,
+        ``image_extent`` (the part of the maps the image covers), model and timings."""
+        t0 = time.perf_counter()
+        if caption is not None and len(caption) > MAX_CAPTION_CHARS:
+            return _error(400, f"caption is {len(caption)} characters; at most {MAX_CAPTION_CHARS}")
+        try:
+            image = await self._image_from(request)
+            if caption and caption.strip():
+                self.service.caption_tokens(caption)  # too long: refused before any work
+        except UploadRejectedError as e:
+            return _error(e.status, e.reason)
+        except ValueError as e:
+            return _error(400, str(e))
+        timing: dict[str, float] = {}
+        if not (caption and caption.strip()):
+            decoded = await self._batched(image)
+            caption, timing["decode_ms"] = decoded["caption"], decoded["decode_ms"]
+        async with self._explaining:
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(None, self.service.explain, image, caption)
+        timing["explain_ms"] = result.pop("explain_ms")
+        timing["total_ms"] = 1000 * (time.perf_counter() - t0)
+        return JSONResponse(
+            {
+                **result,
+                "model": self.service.id,
+                "image": {"width": image.width, "height": image.height},
+                "timing": timing,
+            }
+        )
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> HTMLResponse:
+        """The web page: upload, caption, beams, heatmaps (all requests go to this endpoint)."""
+        return HTMLResponse(page_html())
+
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         return {
@@ -166,6 +231,12 @@ class CaptionDeployment:
             "model": self.service.id,
             "max_batch_size": self.max_batch_size,
             "batch_wait_timeout_s": self.batch_wait_timeout_s,
+            "limits": {
+                "max_bytes": self.limits.max_bytes,
+                "max_pixels": self.limits.max_pixels,
+                "max_side": self.limits.max_side,
+                "content_types": sorted(IMAGE_CONTENT_TYPES),
+            },
         }
 
 
