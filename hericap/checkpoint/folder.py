@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,16 +45,18 @@ META_FILE = "meta.json"
 
 def save_checkpoint(
     directory: str | Path,
-    model: nn.Module,
+    model: nn.Module | Mapping[str, torch.Tensor],
     config: Config,
     vocab: Vocabulary,
     meta: dict[str, Any],
     training_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint folder (model weights always; training state when given)."""
+    """Write a checkpoint folder (model weights always: a model's, or a state dict such as a
+    moving average; training state when given)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), d / MODEL_FILE)
+    weights = dict(model) if isinstance(model, Mapping) else model.state_dict()
+    torch.save(weights, d / MODEL_FILE)
     if training_state is not None:
         torch.save(training_state, d / STATE_FILE)
     (d / CONFIG_FILE).write_text(json.dumps(to_dict(config), indent=1))

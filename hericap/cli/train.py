@@ -18,11 +18,14 @@ logger = logging.getLogger(__name__)
 def _train_and_test(cfg, skip_test: bool = False, compare_xe: bool = False) -> dict | None:
     """Train, then score the best checkpoint on the test split. With ``compare_xe`` and SCST
     epochs, the best XE checkpoint is scored too (under ``report["xe"]``)."""
+    from hericap.evaluation.clip_score import check_clip_setup
     from hericap.evaluation.coco_metrics import CocoScorer
     from hericap.runtime.batch_eval import evaluate_checkpoint
     from hericap.runtime.cluster import ray_session
     from hericap.training.driver import train
 
+    if not skip_test:  # a CLIP set-up that cannot work fails now, not after training
+        check_clip_setup(cfg.evaluation.clip_checkpoint, cfg.evaluation.clip_model)
     with ray_session(cfg.exp.ray_address, cfg.exp.ray_num_cpus):
         outcome = train(cfg)
         if outcome.best_checkpoint is None:
@@ -51,7 +54,14 @@ def _train_and_test(cfg, skip_test: bool = False, compare_xe: bool = False) -> d
                 )
                 report["xe"] = {
                     k: xe[k]
-                    for k in ("metrics", "metrics_4ref", "semantic", "checkpoint", "training")
+                    for k in (
+                        "metrics",
+                        "metrics_4ref",
+                        "semantic",
+                        "diversity",
+                        "checkpoint",
+                        "training",
+                    )
                 }
         return report
 
@@ -80,12 +90,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def eval_overrides(args: argparse.Namespace) -> list[str]:
+    """The command line's overrides plus what ``--per-image`` / ``--worst`` set."""
+    extra = []
+    if args.per_image:
+        extra.append("evaluation.per_image=True")
+    if args.worst is not None:
+        extra.append(f"evaluation.worst_images={args.worst}")
+    return [*args.overrides, *extra]
+
+
+def _print_eval(report: dict) -> None:
+    from hericap.evaluation.report import format_table, format_worst
+
+    print(format_table(report))
+    if report.get("worst_images"):
+        print()
+        print(format_worst(report["worst_images"]))
+    for kind, path in report.get("files", {}).items():
+        print(f"{kind}: {path}")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    from hericap.evaluation.report import format_table
     from hericap.runtime.batch_eval import evaluate_checkpoint
     from hericap.runtime.cluster import ray_session
 
-    pre = load_config(args.overrides, preset=None, validate=False) if args.overrides else None
+    overrides = eval_overrides(args)
+    pre = load_config(overrides, preset=None, validate=False) if overrides else None
     ckpt = pre.exp.checkpoint if pre else None
     if not ckpt:
         raise ConfigError("eval needs exp.checkpoint=PATH (a HeriCap checkpoint folder)")
@@ -94,10 +125,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{ckpt} is not a HeriCap checkpoint folder (no config.json)")
     # The checkpoint's own config is the base; the command line overrides it.
     base = from_dict(json.loads(saved.read_text()))
-    cfg = load_config(args.overrides, base=base)
+    cfg = load_config(overrides, base=base)
     with ray_session(cfg.exp.ray_address, cfg.exp.ray_num_cpus):
         report = evaluate_checkpoint(cfg, ckpt, cfg.split)
-    print(format_table(report))
+    _print_eval(report)
     return 0
 
 
@@ -142,6 +173,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "oracle": report["oracle"],
         "semantic": report["semantic"],
         "oracle_semantic": report["oracle_semantic"],
+        "diversity": report["diversity"],
+        "oracle_diversity": report["oracle_diversity"],
+        "clip": report["clip"],
         "checkpoint": report["checkpoint"],
         "decode": report["decode"],
         "training": report["training"],
@@ -178,6 +212,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     ev = sub.add_parser("eval", help="decode and score a split with exp.checkpoint=PATH")
     ev.add_argument("overrides", nargs="*", help=overrides)
+    ev.add_argument(
+        "--per-image",
+        action="store_true",
+        help="also write <split>_per_image.json (every metric per image) and list the worst",
+    )
+    ev.add_argument(
+        "--worst", type=int, default=None, metavar="N", help="worst images to list (default 20)"
+    )
     ev.set_defaults(func=cmd_eval)
 
     demo = sub.add_parser("demo", help="synthetic data -> Ray Train -> test scores table")

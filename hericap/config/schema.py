@@ -8,6 +8,7 @@ The key tree follows the research code that seed users know (GRIT / HierCap Hydr
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from hericap.config.flavours import check_flavour
@@ -18,6 +19,7 @@ __all__ = [
     "DatasetConfig",
     "DecodeConfig",
     "DetectorConfig",
+    "EvaluationConfig",
     "ExpConfig",
     "ExtractorConfig",
     "ModelConfig",
@@ -28,6 +30,8 @@ SPLITS = ("train", "val", "test")
 RESIZE_MODES = ("square", "max_side", "maxwh")
 AUGMENTATIONS = ("none", "randaugment")
 MIXED_PRECISION = ("auto", "bf16", "no")
+# What a COCO test-server / EvalAI submission name may hold.
+SUBMISSION_NAME = re.compile(r"[A-Za-z0-9-]+")
 
 
 @dataclass
@@ -346,6 +350,10 @@ class OptimizerConfig:
     # The last K checkpoints (epoch and step ones) Ray keeps for resuming; the best by val
     # CIDEr (and the best XE one when SCST follows) is copied aside and kept regardless.
     checkpoint_num_to_keep: int = 2
+    # > 0: keep an exponential moving average of the weights (decay per optimiser step, capped
+    # at (1 + n) / (10 + n) after n steps); validation, kept-best selection and the checkpoint's
+    # model.pt use it (the raw weights resume training). 0: off. Typical: 0.999-0.9999.
+    ema_decay: float = 0.0
 
 
 @dataclass
@@ -369,6 +377,51 @@ class DecodeConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """What an evaluation reports and writes besides the toolkit metrics (docs/evaluation.md)."""
+
+    # Also write <split>_per_image.json: every metric of every image, and the worst images.
+    per_image: bool = False
+    # The per-image file (and `hericap eval --per-image`) lists this many worst images by CIDEr.
+    worst_images: int = 20
+    # A collapse alarm: fewer distinct captions than this share of the images (val every epoch,
+    # and every evaluation) logs a warning and sets `collapse` in the metrics (0: never).
+    collapse_unique_share: float = 0.1
+    # CLIP weights for CLIPScore / RefCLIPScore (Hessel et al., 2021): a local file or
+    # s3://bucket/key; nothing is downloaded. None: both are reported unavailable.
+    clip_checkpoint: str | None = None
+    # open_clip architecture of those weights, or a path to an open_clip model-config JSON.
+    # OpenAI's ViT-B/32 (the paper's) is ViT-B-32-quickgelu; a TorchScript file from OpenAI
+    # carries its own architecture.
+    clip_model: str = "ViT-B-32-quickgelu"
+    # Images and captions per CLIP forward pass.
+    clip_batch_size: int = 64
+    # <name> in the COCO test-server file captions_<test|val>2014_<name>_results.json and the
+    # nocaps EvalAI file; letters, digits and hyphens (None: exp.name, other characters as -).
+    submission_name: str | None = None
+
+    def validate(self) -> None:
+        """Raises ``ValueError`` saying which ``evaluation.*`` value to change."""
+        if self.worst_images < 0:
+            raise ValueError(f"evaluation.worst_images={self.worst_images} must be >= 0")
+        if not 0.0 <= self.collapse_unique_share <= 1.0:
+            raise ValueError(
+                f"evaluation.collapse_unique_share={self.collapse_unique_share} must be a share "
+                "of the images in [0, 1] (0: no collapse alarm)"
+            )
+        if self.clip_batch_size < 1:
+            raise ValueError(f"evaluation.clip_batch_size={self.clip_batch_size} must be >= 1")
+        if not self.clip_model:
+            raise ValueError("evaluation.clip_model is empty; the paper's is ViT-B-32-quickgelu")
+        name = self.submission_name
+        if name is not None and not SUBMISSION_NAME.fullmatch(name):
+            raise ValueError(
+                f"evaluation.submission_name={name!r}: use letters, digits and hyphens only "
+                "(the COCO server splits captions_<split>_<name>_results.json on underscores)"
+            )
+
+
+@dataclass
 class Config:
     """The whole configuration of a HeriCap run."""
 
@@ -381,6 +434,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def validate(self) -> None:
         """Cross-field checks; raises ``ValueError`` saying what to change."""
@@ -474,6 +528,12 @@ class Config:
             )
         if self.decode.test_beam_size < 1 or self.decode.val_beam_size < 1:
             raise ValueError("decode.val_beam_size and decode.test_beam_size must be >= 1")
+        if not 0.0 <= opt.ema_decay < 1.0:
+            raise ValueError(
+                f"optimizer.ema_decay={opt.ema_decay} must be in [0, 1) (0: no moving average; "
+                "typical: 0.999)"
+            )
+        self.evaluation.validate()
         check_flavour(self)
 
     @property

@@ -1,19 +1,23 @@
 """Decode a split with a checkpoint on the Ray cluster (Ray Data batch inference) and score it.
 
 Writes ``<split>_results.json`` (COCO results format) and ``<split>_scores.json`` to the run
-folder and returns the score report.
+folder, and where they apply the nocaps EvalAI file, the COCO test-server file and the per-image
+file (:mod:`hericap.evaluation.submission`); returns the score report.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray.data
 
 from hericap.checkpoint import META_FILE
@@ -22,9 +26,12 @@ from hericap.data.catalog import ensure_shards, first_image_ids
 from hericap.data.shards import read_rows
 from hericap.data.synthetic import Scene
 from hericap.data.transforms import resize_spec
+from hericap.evaluation.clip_score import check_clip_setup, clip_report
 from hericap.evaluation.coco_metrics import CocoScorer
+from hericap.evaluation.diversity import caption_fingerprints, collapse_warning
 from hericap.evaluation.inference import CaptionPredictor
 from hericap.evaluation.report import build_report
+from hericap.evaluation.submission import submission_name, write_evaluation_files
 from hericap.runtime.datasets import shard_dataset
 
 __all__ = ["evaluate_checkpoint"]
@@ -34,13 +41,17 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class SplitReferences:
-    """The images of a split to evaluate: shard files, the ids kept (None: all), references and
-    (synthetic data) the true scenes."""
+    """The images of a split to evaluate: shard files, the ids kept (None: all), references,
+    (synthetic data) the true scenes, (nocaps) each image's domain, the file names and the
+    source dataset (which server files apply)."""
 
     files: list
     keep: frozenset[str] | None
     references: dict[str, list[str]]
     scenes: dict[str, Scene] | None
+    domains: dict[str, str] | None = None
+    file_names: dict[str, str | None] = field(default_factory=dict)
+    source: str | None = None
 
 
 def split_references(cfg: Config, split: str) -> SplitReferences:
@@ -48,17 +59,44 @@ def split_references(cfg: Config, split: str) -> SplitReferences:
     files = ensure_shards(cfg).files(split)
     limit = cfg.dataset.max_test_images if split == "test" else cfg.dataset.max_val_images
     keep = frozenset(first_image_ids(files, limit)) if limit else None
-    rows = [
-        r
-        for r in read_rows(files, columns=["image_id", "captions", "scene"])
-        if keep is None or r["image_id"] in keep
-    ]
+    columns = ["image_id", "captions", "scene", "meta", "file_name", "source"]
+    rows = [r for r in read_rows(files, columns=columns) if keep is None or r["image_id"] in keep]
     scenes = (
         {r["image_id"]: Scene.from_dict(json.loads(r["scene"])) for r in rows}
         if all(r["scene"] for r in rows)
         else None
     )
-    return SplitReferences(files, keep, {r["image_id"]: list(r["captions"]) for r in rows}, scenes)
+    meta = {r["image_id"]: json.loads(r["meta"] or "{}") for r in rows}
+    domains = {k: m["domain"] for k, m in meta.items() if "domain" in m}
+    return SplitReferences(
+        files,
+        keep,
+        {r["image_id"]: list(r["captions"]) for r in rows},
+        scenes,
+        domains=domains if rows and len(domains) == len(rows) else None,
+        file_names={r["image_id"]: r["file_name"] for r in rows},
+        source=rows[0]["source"] if rows else None,
+    )
+
+
+def iter_split_images(split: SplitReferences) -> Iterator[tuple[str, bytes]]:
+    """``(image_id, encoded image)`` of the split's images, one shard in memory at a time."""
+    for f in split.files:
+        for row in read_rows([f], columns=["image_id", "image"]):
+            if split.keep is None or row["image_id"] in split.keep:
+                yield row["image_id"], row["image"]
+
+
+def train_fingerprints(cfg: Config) -> tuple[np.ndarray | None, str]:
+    """Fingerprints of the dataset's train references (what ``novel_share`` compares with) and
+    where they came from; None with the reason when the shards have no train split (nocaps)."""
+    manifest = ensure_shards(cfg)
+    try:
+        files = manifest.files("train")
+    except ValueError:
+        return None, f"no train split in {manifest.root}: novel_share is unknown"
+    captions = [c for r in read_rows(files, columns=["captions"]) for c in r["captions"]]
+    return caption_fingerprints(captions), f"{len(captions)} train references in {manifest.root}"
 
 
 def decode_split(cfg: Config, checkpoint: Path, split: SplitReferences) -> dict[str, str]:
@@ -98,6 +136,11 @@ def training_info(checkpoint: Path) -> dict[str, Any]:
     meta_file = checkpoint / META_FILE
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     training = {"phase": meta.get("phase"), "epoch": meta.get("epoch"), "step": meta.get("step")}
+    # the weights model.pt holds: the moving average (optimizer.ema_decay) or an average of
+    # checkpoints (`hericap average`)
+    training["ema_decay"] = meta.get("ema_decay")
+    if meta.get("averaged_from"):
+        training["averaged_from"] = meta["averaged_from"]
     if meta.get("phase") == "sc":
         training["reward"] = {
             "metric": "CIDEr-D",
@@ -105,6 +148,47 @@ def training_info(checkpoint: Path) -> dict[str, Any]:
             "include_eos": meta.get("sc_include_eos"),
         }
     return training
+
+
+def score_split(
+    cfg: Config,
+    images: SplitReferences,
+    candidates: dict[str, str],
+    scorer: CocoScorer,
+    with_oracle: bool = True,
+    scst: bool = False,
+    where: str = "evaluation",
+) -> dict[str, Any]:
+    """The report of decoded ``candidates``: toolkit metrics (per domain on nocaps), diversity
+    against the train references (the collapse alarm logs, naming ``where``, when it trips;
+    ``scst``: the captions come from an SCST checkpoint), CLIPScore."""
+    settings = cfg.evaluation
+    fingerprints, seen_from = train_fingerprints(cfg)
+    report = build_report(
+        scorer,
+        images.references,
+        candidates,
+        images.scenes,
+        with_oracle=with_oracle,
+        groups=images.domains,
+        train_fingerprints=fingerprints,
+        collapse_unique_share=settings.collapse_unique_share,
+        per_image=settings.per_image,
+    )
+    report["diversity"]["novel_from"] = seen_from
+    warning = collapse_warning(report["diversity"], where, scst=scst)
+    if warning:
+        logger.warning("%s", warning)
+    report["clip"] = clip_report(
+        settings.clip_checkpoint,
+        settings.clip_model,
+        lambda: iter_split_images(images),
+        candidates,
+        images.references,
+        batch_size=settings.clip_batch_size,
+        per_image=settings.per_image,
+    )
+    return report
 
 
 def evaluate_checkpoint(
@@ -118,7 +202,7 @@ def evaluate_checkpoint(
     """Caption every image of ``split`` with ``checkpoint`` and score the captions.
 
     Args:
-        cfg: the run config (dataset location, decoding, workers).
+        cfg: the run config (dataset location, decoding, workers, ``evaluation.*``).
         checkpoint: checkpoint folder.
         split: ``val`` or ``test`` (or ``train``).
         out_dir: where results and scores go (default: the run folder).
@@ -128,6 +212,8 @@ def evaluate_checkpoint(
     """
     t0 = time.time()
     checkpoint = Path(checkpoint).resolve()
+    # a CLIP set-up that cannot work fails before the decode, not after
+    check_clip_setup(cfg.evaluation.clip_checkpoint, cfg.evaluation.clip_model)
     images = split_references(cfg, split)
     candidates = decode_split(cfg, checkpoint, images)
     decode_s = time.time() - t0
@@ -138,15 +224,22 @@ def evaluate_checkpoint(
         decode_s,
         cfg.decode.test_beam_size,
     )
+    training = training_info(checkpoint)
     with CocoScorer(spice_jars=None) if scorer is None else nullcontext(scorer) as active:
-        report = build_report(
-            active, images.references, candidates, images.scenes, with_oracle=with_oracle
+        report = score_split(
+            cfg,
+            images,
+            candidates,
+            active,
+            with_oracle,
+            scst=training.get("phase") == "sc",
+            where=f"{split} split, {checkpoint}",
         )
     report.update(
         {
             "split": split,
             "checkpoint": str(checkpoint),
-            "training": training_info(checkpoint),
+            "training": training,
             "decode": {
                 "beam_size": cfg.decode.test_beam_size,
                 "max_len": cfg.decode.max_len,
@@ -154,13 +247,23 @@ def evaluate_checkpoint(
                 "collapse_repeats": cfg.decode.collapse_repeats,
                 "decode_s": decode_s,
             },
-            "eval_s": time.time() - t0,
+            "evaluation": dataclasses.asdict(cfg.evaluation),
         }
     )
     out = Path(out_dir or cfg.run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{split}_results.json").write_text(
-        json.dumps([{"image_id": k, "caption": v} for k, v in sorted(candidates.items())], indent=0)
+    report["files"] = write_evaluation_files(
+        out,
+        split,
+        candidates,
+        report,
+        name=submission_name(cfg.evaluation.submission_name, cfg.exp.name),
+        source=images.source,
+        file_names=images.file_names.values(),
+        references=images.references,
+        domains=images.domains,
+        per_image=cfg.evaluation.per_image,
+        worst_n=cfg.evaluation.worst_images,
     )
+    report["eval_s"] = time.time() - t0
     (out / f"{split}_scores.json").write_text(json.dumps(report, indent=1))
     return report

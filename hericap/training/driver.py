@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import ray.data
 import ray.train
@@ -27,6 +28,7 @@ from hericap.data.catalog import ensure_shards, first_image_ids
 from hericap.data.shards import Manifest, read_rows
 from hericap.data.text import Vocabulary
 from hericap.data.transforms import resize_spec
+from hericap.evaluation.diversity import caption_fingerprints
 from hericap.runtime.datasets import shard_dataset
 from hericap.training.loop import train_loop_per_worker
 from hericap.training.phases import configured_phases
@@ -115,6 +117,8 @@ class TrainData:
     val_references: dict[str, list[str]]
     train_references: dict[str, list[str]]  # the SCST reward's corpus (empty without SCST)
     batches_per_epoch: int
+    # the train captions as fingerprints: which val captions are copies (novel_share)
+    train_fingerprints: np.ndarray | None = None
 
 
 def select_data(cfg: Config, manifest: Manifest, with_scst: bool) -> TrainData:
@@ -146,14 +150,18 @@ def select_data(cfg: Config, manifest: Manifest, with_scst: bool) -> TrainData:
             f"{accum} accumulated batches; lower optimizer.batch_size, "
             "optimizer.grad_accum_steps or exp.world_size"
         )
+    train_references = _references(train_files, keep_train)
     return TrainData(
         train_files=train_files,
         val_files=val_files,
         keep_train=keep_train,
         n_train=n_train,
         val_references=_references(val_files, keep_val),
-        train_references=_references(train_files, keep_train) if with_scst else {},
+        train_references=train_references if with_scst else {},
         batches_per_epoch=batches_per_epoch,
+        train_fingerprints=caption_fingerprints(
+            c for captions in train_references.values() for c in captions
+        ),
     )
 
 
@@ -218,6 +226,7 @@ def _make_trainer(
             "val_files": [str(f.resolve()) for f in data.val_files],
             "val_references": data.val_references,
             "train_references": data.train_references,
+            "train_fingerprints": data.train_fingerprints,
             "batches_per_epoch": data.batches_per_epoch,
         },
         scaling_config=ScalingConfig(

@@ -34,13 +34,15 @@ from hericap.checkpoint.folder import read_model_state
 from hericap.config.loader import from_dict
 from hericap.data.text import Vocabulary
 from hericap.data.transforms import prepare_batch, resize_spec
+from hericap.evaluation.diversity import DIVERSITY_KEYS, collapse_warning
 from hericap.models.builder import build_captioner, format_parameter_summary
 from hericap.models.weights import load_state_dict_strict
+from hericap.training.ema import WeightEma, checkpoint_weights, restore_weights
 from hericap.training.optim import build_optimizer, constant_lr, warmup_cosine, warmup_length
 from hericap.training.phases import Phase, configured_phases, phase_at
 from hericap.training.rng import get_rng_state, seed_everything, set_rng_state
 from hericap.training.scst import CiderReward, make_scst_decoder, scst_step
-from hericap.training.validation import validate
+from hericap.training.validation import ValidationResult, validate
 from hericap.training.xe import pick_captions, xe_loss
 
 __all__ = ["CaptionRecipe", "EpochState"]
@@ -110,8 +112,9 @@ class CaptionRecipe:
     Args:
         loop_config: what the driver passes to every worker: ``config`` (dict), ``vocab``
             (dict), ``val_files`` (shard locations), ``val_references`` ({image_id: captions}),
-            ``train_references`` (the SCST reward corpus) and ``batches_per_epoch`` (per worker,
-            a multiple of ``optimizer.grad_accum_steps``).
+            ``train_references`` (the SCST reward corpus), ``train_fingerprints`` (the train
+            captions, for the val captions' ``novel_share``) and ``batches_per_epoch`` (per
+            worker, a multiple of ``optimizer.grad_accum_steps``).
     """
 
     def __init__(self, loop_config: dict[str, Any]) -> None:
@@ -120,6 +123,7 @@ class CaptionRecipe:
         self.val_files: list[str] = loop_config["val_files"]
         self.val_references: dict[str, list[str]] = loop_config["val_references"]
         self.train_references: dict[str, list[str]] = loop_config["train_references"]
+        self.train_fingerprints = loop_config.get("train_fingerprints")
         self.batches_per_epoch: int = loop_config["batches_per_epoch"]
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
@@ -137,6 +141,7 @@ class CaptionRecipe:
         self.caption_rng = random.Random()
         self.reward: CiderReward | None = None
         self.scst_decode = None
+        self.ema: WeightEma | None = None  # optimizer.ema_decay > 0
         self.run_start = time.time()
 
     # ----------------------------------------------------------------- set-up
@@ -160,6 +165,8 @@ class CaptionRecipe:
     def _setup_model(self) -> None:
         torch.manual_seed(self.cfg.exp.seed)  # identical initial weights on every rank
         self.net = build_captioner(self.cfg.model, len(self.vocab), self.resize.model_size)
+        if self.cfg.optimizer.ema_decay > 0:
+            self.ema = WeightEma(self.net, self.cfg.optimizer.ema_decay)
         summary = format_parameter_summary(self.net)
         self._log("model: memories %s; %s", self.net.memory_names, summary)
 
@@ -173,12 +180,22 @@ class CaptionRecipe:
                 load_state_dict_strict(
                     self.net, state, what=f"exp.checkpoint={self.cfg.exp.checkpoint}"
                 )
+                if self.ema is not None:  # the average starts at the weights training starts at
+                    self.ema.load(self.net.state_dict(), 0)
                 self._log("initialised from the weights of %s", self.cfg.exp.checkpoint)
             return None
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)
-            load_state_dict_strict(self.net, state, what=f"checkpoint {d}")
             train_state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+            restore_weights(
+                self.net,
+                self.ema,
+                state,
+                train_state,
+                lambda model, weights: load_state_dict_strict(
+                    model, weights, what=f"checkpoint {d}"
+                ),
+            )
             meta = json.loads((Path(d) / META_FILE).read_text())
         self.history, self.step_log = meta.get("history", []), meta.get("steps", [])
         rng = train_state["rng"]
@@ -395,6 +412,8 @@ class CaptionRecipe:
         clip = self.cfg.optimizer.grad_clip
         grad_norm = float(nn.utils.clip_grad_norm_(self.net.parameters(), clip)) if clip else None
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.net)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -438,19 +457,57 @@ class CaptionRecipe:
     def _end_epoch(self, state: EpochState) -> None:
         """Agree on the epoch's sums, validate, record and checkpoint."""
         train_time = time.time() - state.start
-        loss_sum, reward_sum, batches, steps_min, steps_max = self._reduce(state)
-        val_cider, n_val = self.validate()
+        sums = self._reduce(state)
+        val = self.validate()
+        metrics = self._epoch_metrics(state, sums, val, train_time)
+        self.history.append(metrics)
+        self._log(
+            "%s epoch %d/%d done: loss %.3f val CIDEr %.3f (%d images, %.0f%% distinct "
+            "captions) train %.0fs total %.0fs",
+            self.phase.name,
+            state.epoch + 1,
+            self.epochs,
+            metrics["train_loss"],
+            val.cider,
+            val.images,
+            100 * val.diversity["unique_share"],
+            train_time,
+            time.time() - self.run_start,
+        )
+        warning = collapse_warning(
+            val.diversity,
+            f"val, {self.phase.name} epoch {state.epoch + 1}",
+            scst=self.phase.kind == "sc",
+        )
+        if warning and self.rank == 0:
+            logger.warning("%s", warning)
+        self.save_checkpoint(metrics, {"epoch": state.epoch})
+
+    def _epoch_metrics(
+        self,
+        state: EpochState,
+        sums: tuple[float, float, float, int, int],
+        val: ValidationResult,
+        train_time: float,
+    ) -> dict[str, Any]:
+        """What every epoch reports (and its checkpoint's meta.json records)."""
+        loss_sum, reward_sum, batches, steps_min, steps_max = sums
         lr, lr_backbone = _learning_rates(self.optimizer)
         opt = self.cfg.optimizer
-        metrics = {
+        return {
             "phase": self.phase.kind,
             "phase_name": self.phase.name,
             "frozen_backbone": self.phase.frozen,
             "epoch": state.epoch,
             "step": self.step,
             "train_loss": loss_sum / max(1.0, batches),
-            "val_CIDEr": val_cider,
-            "val_images": n_val,
+            "val_CIDEr": val.cider,
+            "val_images": val.images,
+            # the weights validated (and kept when best): the moving average when > 0
+            "ema_decay": opt.ema_decay,
+            **{f"val_{k}": val.diversity[k] for k in DIVERSITY_KEYS},
+            "val_collapse": val.diversity["collapse"],
+            "collapse_unique_share": val.diversity["collapse_unique_share"],
             "worker_steps_min": steps_min,
             "worker_steps_max": steps_max,
             "lr": lr,
@@ -469,19 +526,6 @@ class CaptionRecipe:
             "epoch_train_s": train_time,
             "epoch_s": time.time() - state.start,
         }
-        self.history.append(metrics)
-        self._log(
-            "%s epoch %d/%d done: loss %.3f val CIDEr %.3f (%d images) train %.0fs total %.0fs",
-            self.phase.name,
-            state.epoch + 1,
-            self.epochs,
-            metrics["train_loss"],
-            val_cider,
-            n_val,
-            train_time,
-            time.time() - self.run_start,
-        )
-        self.save_checkpoint(metrics, {"epoch": state.epoch})
 
     def _reduce(self, state: EpochState) -> tuple[float, float, float, int, int]:
         """Every rank's (loss sum, reward sum, batches) summed, and the fewest and most updates
@@ -497,22 +541,27 @@ class CaptionRecipe:
         loss_sum, reward_sum, batches = totals.tolist()
         return loss_sum, reward_sum, batches, -int(spread[1]), int(spread[0])
 
-    def validate(self) -> tuple[float, int]:
-        """Val CIDEr-D of the current weights (every rank gets the same)."""
+    def validate(self) -> ValidationResult:
+        """Val CIDEr-D and caption diversity of the current weights, or of their moving average
+        when ``optimizer.ema_decay`` > 0 (every rank gets the same)."""
         decode = self.cfg.decode
-        return validate(
-            self.net,
-            self.val_files,
-            self.val_references,
-            self.vocab,
-            self.resize,
-            decode.val_beam_size,
-            decode.max_len,
-            decode.batch_size,
-            self.device,
-            self.rank,
-            self.world,
-        )
+        averaged = self.ema.swapped_in(self.net) if self.ema else contextlib.nullcontext()
+        with averaged:
+            return validate(
+                self.net,
+                self.val_files,
+                self.val_references,
+                self.vocab,
+                self.resize,
+                decode.val_beam_size,
+                decode.max_len,
+                decode.batch_size,
+                self.device,
+                self.rank,
+                self.world,
+                train_fingerprints=self.train_fingerprints,
+                collapse_unique_share=self.cfg.evaluation.collapse_unique_share,
+            )
 
     # ----------------------------------------------------------------- checkpoints
     def _mid_epoch_checkpoint(self, state: EpochState) -> None:
@@ -524,6 +573,7 @@ class CaptionRecipe:
                 "step": self.step,
                 "mid_epoch": True,
                 "train_loss": state.loss_sum / state.batches,
+                "ema_decay": self.cfg.optimizer.ema_decay,
                 "attempt": self.attempt,
             },
             {"epoch": state.epoch, "epoch_progress": state.progress(self.caption_rng)},
@@ -531,7 +581,8 @@ class CaptionRecipe:
 
     def save_checkpoint(self, metrics: dict[str, Any], state: dict[str, Any]) -> None:
         """Every rank reports ``metrics``; rank 0 also writes the checkpoint (model, optimiser,
-        scheduler, every rank's RNG state and ``state``)."""
+        scheduler, every rank's RNG state and ``state``). With EMA, ``model.pt`` holds the moving
+        average and the training state the raw weights (:func:`checkpoint_weights`)."""
         rng_states = [get_rng_state()]
         if self.world > 1:
             rng_states = [None] * self.world
@@ -539,10 +590,11 @@ class CaptionRecipe:
         if self.rank != 0:
             ray.train.report(metrics)
             return
+        weights, raw = checkpoint_weights(self.net, self.ema)
         with tempfile.TemporaryDirectory() as tmp:
             write_checkpoint_folder(
                 tmp,
-                self.net,
+                weights,
                 self.cfg,
                 self.vocab,
                 meta={**metrics, "history": self.history, "steps": self.step_log},
@@ -553,6 +605,7 @@ class CaptionRecipe:
                     "step": self.step,
                     "phase": self.phase.name,
                     "attempt": self.attempt,
+                    **raw,
                     **state,
                 },
             )
