@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from hericap.models.decoding import DecodeOutput, Memories, Masks
+from hericap.models.decoding import DecodeOutput, Masks, Memories
 
 
 def _never_words(log_probs: torch.Tensor, bos_idx: int, pad_idx: int) -> torch.Tensor:

@@ -359,8 +359,9 @@ class OptimizerConfig:
 
 @dataclass
 class DecodeConfig:
-    """How captions are decoded: val, test, eval, serve and caption (the paper: beam 5, 20 words;
-    every control off). docs/decoding.md describes each control with an example."""
+    """How captions are decoded in val, test, eval, serve and caption (docs/decoding.md).
+
+    The paper: beam 5, at most 20 words, every control off."""
 
     # Beam size of per-epoch validation (1: greedy).
     val_beam_size: int = 1
