@@ -498,6 +498,10 @@ def test_caption_sample_and_controls_from_the_command_line(tmp_path, capsys):
         CaptionService(str(ckpt), decode={"alpah": 1.0})
     beams = CaptionService(str(ckpt), beam_size=4, n_best=4, decode={"beam_groups": 2})
     assert beams.settings()["beam_groups"] == 2 and beams.settings()["alpha"] == 0.0
+    # left out (or None), a control is the checkpoint's own decode.* value
+    gnmt = _folder(tmp_path / "gnmt", 0, "decode.alpha=0.5")
+    assert CaptionService(str(gnmt), decode={"alpha": None}).controls.alpha == 0.5
+    assert CaptionService(str(gnmt), decode={"alpha": 0.0}).controls.alpha == 0.0
 
 
 def test_serve_arguments_carry_the_controls_and_bad_ones_fail_before_deploying(tmp_path):
