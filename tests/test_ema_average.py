@@ -320,6 +320,7 @@ def test_the_recipe_validates_checkpoints_and_resumes_the_average_exactly(
     assert all(torch.equal(v, raw[k]) for k, v in recipe.net.state_dict().items())  # given back
     metrics, folder = reported[-1]
     assert metrics["ema_decay"] == 0.5 and metrics["val_collapse"] and metrics["val_CIDEr"] == 0.25
+    assert metrics["val_decode"] == "greedy"  # how val was decoded (decode.*), recorded
     assert "caption collapse" in caplog.text and "optimizer.xe_lr" in caplog.text
     saved = torch.load(folder / "model.pt", weights_only=True)
     train_state = torch.load(folder / "training_state.pt", weights_only=True)

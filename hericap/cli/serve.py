@@ -9,6 +9,22 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
+# The decoding controls both commands take (docs/decoding.md), as option -> decode.* name.
+BEAM_CONTROLS = (
+    "alpha",
+    "length_penalty",
+    "no_repeat_ngram_size",
+    "min_len",
+    "beam_groups",
+    "diversity_strength",
+)
+SAMPLING_CONTROLS = ("top_k", "top_p")
+
+
+def _given_controls(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
+    """The decoding controls set on the command line (the others stay the checkpoint's)."""
+    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+
 
 def _serve_args(args: argparse.Namespace) -> dict:
     from hericap.serve.server import resolve_checkpoint
@@ -19,6 +35,8 @@ def _serve_args(args: argparse.Namespace) -> dict:
         "max_batch_size": args.max_batch_size,
         "batch_wait_timeout_s": None if args.batch_wait_ms is None else args.batch_wait_ms / 1000,
         "num_cpus": args.replica_cpus,
+        "collapse_repeats": True if args.collapse_repeats else None,
+        **_given_controls(args, BEAM_CONTROLS),
     }
     # options left out take the application's defaults (hericap.serve.app.DEFAULTS)
     out = {
@@ -61,6 +79,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
         beam_size=args.beam_size,
         n_best=args.n_best,
         collapse_repeats=True if args.collapse_repeats else None,
+        decode=_given_controls(args, BEAM_CONTROLS + SAMPLING_CONTROLS),
+        sample=args.sample,
+        seed=args.seed,
     )
     paths, images, failures = [], [], 0
     for path in args.images:
@@ -74,7 +95,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
     for i, (path, result) in enumerate(zip(paths, results, strict=True)):
         if args.json:
             line = {"image": path, "model": service.id, "captions": result["beams"]}
-            print(json.dumps(line | {"collapse_repeats": service.collapse_repeats}))
+            settings = {"collapse_repeats": service.collapse_repeats, "decode": service.settings()}
+            print(json.dumps(line | settings))
         else:
             print(f"{path}\t{result['caption']}")
         if args.explain:
@@ -96,6 +118,34 @@ def _explain(service, image, caption: str, out: Path, index: int, count: int) ->
     print(f"attention maps: {out}")
 
 
+def _add_controls(parser: argparse.ArgumentParser, sampling: bool) -> None:
+    """The decoding-control options (left out: the checkpoint's ``decode.*`` values)."""
+    group = parser.add_argument_group(
+        "decoding controls", "docs/decoding.md; each left out takes the checkpoint's decode.* value"
+    )
+    group.add_argument("--alpha", type=float, help="GNMT length penalty (0: off; e.g. 0.9)")
+    group.add_argument(
+        "--length-penalty", type=float, help="final ranking by log-prob / length ** p (0: off)"
+    )
+    group.add_argument(
+        "--no-repeat-ngram-size", type=int, metavar="N", help="no N-gram twice (0: off)"
+    )
+    group.add_argument("--min-len", type=int, metavar="N", help="at least N words (0: off)")
+    group.add_argument("--beam-groups", type=int, metavar="G", help="diverse beam search groups")
+    group.add_argument("--diversity-strength", type=float, help="diverse beam search penalty")
+    group.add_argument(
+        "--collapse-repeats", action="store_true", help="collapse repeated words (research eval)"
+    )
+    if not sampling:
+        return
+    group.add_argument(
+        "--sample", action="store_true", help="--n-best samples per image instead of beams"
+    )
+    group.add_argument("--top-k", type=int, metavar="K", help="sample among the K likeliest")
+    group.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass P")
+    group.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``serve``, ``caption`` commands."""
     se = sub.add_parser("serve", help="Ray Serve HTTP captioning endpoint (127.0.0.1)")
@@ -112,6 +162,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     se.add_argument("--beam-size", type=int, default=None)
     se.add_argument("--n-best", type=int, default=None, help="beams returned per image")
     se.add_argument("--write-config", default=None, help="write a `serve deploy` YAML and exit")
+    _add_controls(se, sampling=False)
     se.set_defaults(func=cmd_serve)
 
     ca = sub.add_parser("caption", help="caption image files with a checkpoint")
@@ -122,8 +173,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     ca.add_argument(
         "--json", action="store_true", help="one JSON line per image: captions, ids, log-probs"
     )
-    ca.add_argument(
-        "--collapse-repeats", action="store_true", help="collapse repeated words (research eval)"
-    )
     ca.add_argument("--explain", default=None, help="PNG of per-word attention heatmaps")
+    _add_controls(ca, sampling=True)
     ca.set_defaults(func=cmd_caption)

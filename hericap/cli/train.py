@@ -73,6 +73,12 @@ def train_config(overrides: list[str], default_preset: str = "coco") -> Config:
     cfg = config_from(overrides, default_preset)
     if not cfg.exp.checkpoint:
         return cfg
+    if "," in cfg.exp.checkpoint:
+        raise ConfigError(
+            f"exp.checkpoint={cfg.exp.checkpoint}: training starts from one checkpoint; several "
+            "(an ensemble) are for `hericap eval`. To start from their mean weights, "
+            "`hericap average A B --out DIR` then exp.checkpoint=DIR"
+        )
     from hericap.checkpoint.warm_start import warm_start_base
 
     presets = [o for o in overrides if o.split("=", 1)[0] == "preset"]
@@ -111,23 +117,34 @@ def _print_eval(report: dict) -> None:
         print(f"{kind}: {path}")
 
 
+def eval_config(overrides: list[str]) -> tuple[Config, list[str]]:
+    """The config of an eval command line and the checkpoint folders it scores:
+    ``exp.checkpoint=A`` or, for a log-prob-averaging ensemble, ``exp.checkpoint=A,B``. The
+    (first) checkpoint's own config is the base; the command line overrides it."""
+    from hericap.checkpoint.ensemble import split_checkpoints
+
+    pre = load_config(overrides, preset=None, validate=False) if overrides else None
+    ckpt = pre.exp.checkpoint if pre else None
+    if not ckpt:
+        raise ConfigError(
+            "eval needs exp.checkpoint=PATH (a HeriCap checkpoint folder), or "
+            "exp.checkpoint=A,B to score an ensemble of several"
+        )
+    paths = split_checkpoints(ckpt)
+    for path in paths:
+        if not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a HeriCap checkpoint folder (no config.json)")
+    base = from_dict(json.loads((Path(paths[0]) / "config.json").read_text()))
+    return load_config(overrides, base=base), paths
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from hericap.runtime.batch_eval import evaluate_checkpoint
     from hericap.runtime.cluster import ray_session
 
-    overrides = eval_overrides(args)
-    pre = load_config(overrides, preset=None, validate=False) if overrides else None
-    ckpt = pre.exp.checkpoint if pre else None
-    if not ckpt:
-        raise ConfigError("eval needs exp.checkpoint=PATH (a HeriCap checkpoint folder)")
-    saved = Path(ckpt) / "config.json"
-    if not saved.is_file():
-        raise FileNotFoundError(f"{ckpt} is not a HeriCap checkpoint folder (no config.json)")
-    # The checkpoint's own config is the base; the command line overrides it.
-    base = from_dict(json.loads(saved.read_text()))
-    cfg = load_config(overrides, base=base)
+    cfg, checkpoints = eval_config(eval_overrides(args))
     with ray_session(cfg.exp.ray_address, cfg.exp.ray_num_cpus):
-        report = evaluate_checkpoint(cfg, ckpt, cfg.split)
+        report = evaluate_checkpoint(cfg, checkpoints, cfg.split)
     _print_eval(report)
     return 0
 
@@ -210,7 +227,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--no-test", action="store_true", help="skip test decoding and scoring")
     tr.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="decode and score a split with exp.checkpoint=PATH")
+    ev = sub.add_parser(
+        "eval",
+        help="decode and score a split with exp.checkpoint=PATH (A,B: an ensemble)",
+        description="Decode and score a split with exp.checkpoint=PATH; exp.checkpoint=A,B "
+        "decodes several checkpoints as one log-prob-averaging ensemble. Decoding controls are "
+        "decode.* overrides (docs/decoding.md).",
+    )
     ev.add_argument("overrides", nargs="*", help=overrides)
     ev.add_argument(
         "--per-image",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from hericap.config.decode_checks import SEARCH_CONTROLS, check_decode_controls
 from hericap.config.flavours import check_flavour
 
 __all__ = [
@@ -358,7 +359,9 @@ class OptimizerConfig:
 
 @dataclass
 class DecodeConfig:
-    """How val/test captions are decoded (the paper: beam 5, 20 words)."""
+    """How captions are decoded in val, test, eval, serve and caption (docs/decoding.md).
+
+    The paper: beam 5, at most 20 words, every control off."""
 
     # Beam size of per-epoch validation (1: greedy).
     val_beam_size: int = 1
@@ -366,14 +369,59 @@ class DecodeConfig:
     test_beam_size: int = 5
     # Words at most per caption (the paper: 20).
     max_len: int = 20
-    # Beam ranking by log-prob / length ** length_penalty (0: plain log-prob, the research
-    # setting).
+    # Final beam ranking by log-prob / length ** length_penalty, length counting <eos> (0: plain
+    # log-prob, the research setting). Only one of this and decode.alpha may be non-zero.
     length_penalty: float = 0.0
     # Images per decoding batch.
     batch_size: int = 100
     # Collapse consecutive repeated words before scoring ("a a dog" -> "a dog"), as the research
     # evaluation does; recorded with every score.
     collapse_repeats: bool = False
+    # GNMT length penalty (Wu et al., 2016): beams are compared, during the search and at the
+    # end, by log-prob / ((5 + length) / 6) ** alpha, length counting <eos>; longer captions
+    # win more often (0: off; typical 0.6-1.0).
+    alpha: float = 0.0
+    # No n-gram of this many words occurs twice in a caption: a word that would repeat one is
+    # ruled out (0: off; 1: no word twice; 3 is common).
+    no_repeat_ngram_size: int = 0
+    # Words at least per caption: <eos> is ruled out before them (0: off).
+    min_len: int = 0
+    # Diverse beam search (Vijayakumar et al., 2018): the beams form this many groups, each
+    # keeping beam_size / beam_groups beams; it must divide the beam sizes (1: plain beam search).
+    beam_groups: int = 1
+    # Diverse beam search: a word's log-prob in a group is lowered by this much for each beam of
+    # an earlier group that chose it at the same step (Hamming diversity; 0: groups independent).
+    diversity_strength: float = 0.0
+    # Sampling (SCST's leave_one_out / greedy baselines, `hericap caption --sample`): draw only
+    # among the k likeliest words (0: all words).
+    top_k: int = 0
+    # Sampling: draw only among the likeliest words whose probabilities sum to top_p (nucleus
+    # sampling, Holtzman et al., 2020; 1: all words).
+    top_p: float = 1.0
+
+    def validate(self) -> None:
+        """Raises ``ValueError`` saying which ``decode.*`` value to change."""
+        if self.test_beam_size < 1 or self.val_beam_size < 1 or self.batch_size < 1:
+            raise ValueError(
+                "decode.val_beam_size, decode.test_beam_size and decode.batch_size must be >= 1"
+            )
+        check_decode_controls(
+            alpha=self.alpha,
+            length_penalty=self.length_penalty,
+            no_repeat_ngram_size=self.no_repeat_ngram_size,
+            min_len=self.min_len,
+            beam_groups=self.beam_groups,
+            diversity_strength=self.diversity_strength,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            max_len=self.max_len,
+            beam_sizes=(self.val_beam_size, self.test_beam_size),
+        )
+
+    def search_controls(self) -> list[str]:
+        """The ``decode.*`` keys set away from their defaults that change a beam search."""
+        defaults = DecodeConfig()
+        return [k for k in SEARCH_CONTROLS if getattr(self, k) != getattr(defaults, k)]
 
 
 @dataclass
@@ -526,15 +574,22 @@ class Config:
                 f"dataset.image_size={ds.image_size}, min_size={ds.min_size} and max_size="
                 f"{ds.max_size} must be >= 1 with min_size <= max_size"
             )
-        if self.decode.test_beam_size < 1 or self.decode.val_beam_size < 1:
-            raise ValueError("decode.val_beam_size and decode.test_beam_size must be >= 1")
+        self.decode.validate()
         if not 0.0 <= opt.ema_decay < 1.0:
             raise ValueError(
                 f"optimizer.ema_decay={opt.ema_decay} must be in [0, 1) (0: no moving average; "
                 "typical: 0.999)"
             )
         self.evaluation.validate()
-        check_flavour(self)
+        options = check_flavour(self)
+        controls = self.decode.search_controls()
+        if options.beam_search == "research" and controls:
+            raise ValueError(
+                f"decode.{', decode.'.join(controls)}: the research beam search "
+                "(model.beam_search=research, the grit/hiercap flavours' default) reproduces the "
+                "research code and has none of these controls; set them back to their defaults "
+                "or use model.beam_search=hericap"
+            )
 
     @property
     def run_dir(self) -> str:

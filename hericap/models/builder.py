@@ -1,4 +1,5 @@
-"""Build a :class:`~hericap.models.captioner.Captioner` from the ``model`` config section.
+"""Build a :class:`~hericap.models.captioner.Captioner` from the ``model`` config section, and
+the decoding controls from the ``decode`` section.
 
 This is the one place that reads the config; every module below takes explicit keyword
 arguments.
@@ -11,9 +12,10 @@ import logging
 from torch import nn
 
 from hericap.config.flavours import FlavourOptions, resolve_options
-from hericap.config.schema import ModelConfig
+from hericap.config.schema import DecodeConfig, ModelConfig
 from hericap.models.captioner import Captioner
 from hericap.models.decoder import HierarchicalDecoder
+from hericap.models.decoding import DecodeControls
 from hericap.models.encoders import GridEncoder, SwinExtractor
 from hericap.models.fusion import canonical_fusion_name
 from hericap.models.global_encoder import GlobalEncoder
@@ -21,9 +23,28 @@ from hericap.models.grit_checkpoint import load_detector_checkpoint
 from hericap.models.region import RegionEncoder
 from hericap.models.research_global import ResearchGlobalEncoder
 
-__all__ = ["build_captioner", "format_parameter_summary", "parameter_summary"]
+__all__ = [
+    "build_captioner",
+    "decode_controls",
+    "format_parameter_summary",
+    "parameter_summary",
+]
 
 logger = logging.getLogger(__name__)
+
+
+def decode_controls(decode: DecodeConfig) -> DecodeControls:
+    """The decoding controls of the ``decode`` section (validated with the config)."""
+    return DecodeControls(
+        alpha=decode.alpha,
+        length_penalty=decode.length_penalty,
+        no_repeat_ngram_size=decode.no_repeat_ngram_size,
+        min_len=decode.min_len,
+        beam_groups=decode.beam_groups,
+        diversity_strength=decode.diversity_strength,
+        top_k=decode.top_k,
+        top_p=decode.top_p,
+    )
 
 
 def build_captioner(

@@ -28,13 +28,7 @@ import torch
 from torch import nn
 
 from hericap.models.decoder import HierarchicalDecoder
-from hericap.models.decoding import (
-    DecodeOutput,
-    Memories,
-    beam_search,
-    greedy_decode,
-    research_beam_search,
-)
+from hericap.models.decoding import DecodeControls, DecodeOutput, Memories, decode_memories
 from hericap.models.encoders import GridEncoder, SwinExtractor
 from hericap.models.global_encoder import GlobalEncoder
 from hericap.models.masks import level_masks, pixel_padding_mask
@@ -318,8 +312,10 @@ class Captioner(nn.Module):
         token_log_probs = log_probs.gather(-1, flat.unsqueeze(-1)).squeeze(-1)
         return token_log_probs, sequences, baseline
 
-    def _ids(self) -> dict[str, int]:
-        return {"bos_idx": self.bos_idx, "eos_idx": self.eos_idx, "pad_idx": self.pad_idx}
+    @property
+    def token_ids(self) -> tuple[int, int, int]:
+        """``(bos, eos, pad)``."""
+        return self.bos_idx, self.eos_idx, self.pad_idx
 
     @torch.no_grad()
     def generate(
@@ -327,36 +323,27 @@ class Captioner(nn.Module):
         images: torch.Tensor,
         beam_size: int = 5,
         max_len: int = 20,
-        length_penalty: float = 0.0,
         n_best: int = 1,
         image_hw: torch.Tensor | None = None,
+        controls: DecodeControls | None = None,
+        sample: bool = False,
+        generator: torch.Generator | None = None,
     ) -> DecodeOutput:
         """Caption images: greedy when ``beam_size == 1``, else beam search (with the research
-        search rule: the research beam search, whatever the beam size)."""
+        search rule: the research beam search, whatever the beam size); ``sample``: ``n_best``
+        samples per image. ``controls``: the ``decode.*`` controls (None: all off);
+        :func:`~hericap.models.decoding.decode_memories` says which apply where."""
         encoded = self.encode_all(images, image_hw)
-        memories, masks = encoded.memories, encoded.masks
-        if self.search == "research":
-            if length_penalty:
-                raise ValueError("the research beam search has no length penalty")
-            return research_beam_search(
-                self.decoder,
-                memories,
-                beam_size,
-                max_len,
-                bos_idx=self.bos_idx,
-                eos_idx=self.eos_idx,
-                n_best=n_best,
-                memory_masks=masks,
-            )
-        if beam_size == 1:
-            return greedy_decode(self.decoder, memories, max_len, memory_masks=masks, **self._ids())
-        return beam_search(
+        return decode_memories(
             self.decoder,
-            memories,
-            beam_size,
-            max_len,
-            length_penalty=length_penalty,
+            encoded.memories,
+            self.token_ids,
+            search=self.search,
+            beam_size=beam_size,
+            max_len=max_len,
             n_best=n_best,
-            memory_masks=masks,
-            **self._ids(),
+            memory_masks=encoded.masks,
+            controls=controls,
+            sample=sample,
+            generator=generator,
         )

@@ -1,4 +1,5 @@
-"""Decode a split with a checkpoint on the Ray cluster (Ray Data batch inference) and score it.
+"""Decode a split with a checkpoint, or an ensemble of checkpoints, on the Ray cluster (Ray Data
+batch inference) and score it.
 
 Writes ``<split>_results.json`` (COCO results format) and ``<split>_scores.json`` to the run
 folder, and where they apply the nocaps EvalAI file, the COCO test-server file and the per-image
@@ -11,7 +12,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 import ray.data
 
 from hericap.checkpoint import META_FILE
+from hericap.checkpoint.ensemble import split_checkpoints
 from hericap.config.schema import Config
 from hericap.data.catalog import ensure_shards, first_image_ids
 from hericap.data.shards import read_rows
@@ -32,6 +34,7 @@ from hericap.evaluation.diversity import caption_fingerprints, collapse_warning
 from hericap.evaluation.inference import CaptionPredictor
 from hericap.evaluation.report import build_report
 from hericap.evaluation.submission import submission_name, write_evaluation_files
+from hericap.models.builder import decode_controls
 from hericap.runtime.datasets import shard_dataset
 
 __all__ = ["evaluate_checkpoint"]
@@ -99,9 +102,12 @@ def train_fingerprints(cfg: Config) -> tuple[np.ndarray | None, str]:
     return caption_fingerprints(captions), f"{len(captions)} train references in {manifest.root}"
 
 
-def decode_split(cfg: Config, checkpoint: Path, split: SplitReferences) -> dict[str, str]:
+def decode_split(
+    cfg: Config, checkpoints: Sequence[Path], split: SplitReferences
+) -> dict[str, str]:
     """Caption every image of ``split`` with Ray Data batch inference: a pool of
-    ``exp.world_size`` actors, each loading the checkpoint once."""
+    ``exp.world_size`` actors, each loading the checkpoint (or the ensemble of ``checkpoints``)
+    once."""
     ds = shard_dataset(
         split.files,
         resize_spec(cfg.dataset),
@@ -112,12 +118,12 @@ def decode_split(cfg: Config, checkpoint: Path, split: SplitReferences) -> dict[
     preds = ds.map_batches(
         CaptionPredictor,
         fn_constructor_kwargs={
-            "checkpoint": str(checkpoint),
+            "checkpoint": [str(c) for c in checkpoints],
             "beam_size": cfg.decode.test_beam_size,
             "max_len": cfg.decode.max_len,
-            "length_penalty": cfg.decode.length_penalty,
             "torch_threads": max(1, int(cfg.exp.cpus_per_worker)),
             "collapse_repeats": cfg.decode.collapse_repeats,
+            "controls": decode_controls(cfg.decode),
         },
         batch_size=cfg.decode.batch_size,
         batch_format="numpy",
@@ -147,7 +153,40 @@ def training_info(checkpoint: Path) -> dict[str, Any]:
             "baseline": meta.get("sc_baseline"),
             "include_eos": meta.get("sc_include_eos"),
         }
+        if "sc_top_k" in meta:  # the sampling baselines: what they sampled from
+            training["reward"].update(top_k=meta["sc_top_k"], top_p=meta["sc_top_p"])
     return training
+
+
+def decode_record(cfg: Config, checkpoints: Sequence[Path], decode_s: float) -> dict[str, Any]:
+    """How the captions of a report were decoded: beam size, length, every ``decode.*``
+    control (the sampling ones only act in sampling), time, and the ensemble's members (None
+    for one checkpoint)."""
+    return {
+        "beam_size": cfg.decode.test_beam_size,
+        "max_len": cfg.decode.max_len,
+        "collapse_repeats": cfg.decode.collapse_repeats,
+        **decode_controls(cfg.decode).as_dict(),
+        "search": describe_search(cfg, len(checkpoints)),
+        "ensemble": [str(c) for c in checkpoints] if len(checkpoints) > 1 else None,
+        "decode_s": decode_s,
+    }
+
+
+def describe_search(cfg: Config, members: int) -> str:
+    """One line: ``beam 5, alpha=0.9`` (and ``, ensemble of 2 (mean log-prob)``)."""
+    line = decode_controls(cfg.decode).describe(cfg.decode.test_beam_size)
+    return line + (f", ensemble of {members} (mean log-prob)" if members > 1 else "")
+
+
+def ensemble_training(checkpoints: Sequence[Path]) -> dict[str, Any]:
+    """:func:`training_info` of one checkpoint; for an ensemble, each member's under
+    ``members`` (and ``phase`` when they all share one)."""
+    if len(checkpoints) == 1:
+        return training_info(checkpoints[0])
+    members = [{"checkpoint": str(c), **training_info(c)} for c in checkpoints]
+    phases = {m["phase"] for m in members}
+    return {"phase": phases.pop() if len(phases) == 1 else None, "members": members}
 
 
 def score_split(
@@ -193,7 +232,7 @@ def score_split(
 
 def evaluate_checkpoint(
     cfg: Config,
-    checkpoint: str | Path,
+    checkpoint: str | Path | Sequence[str | Path],
     split: str,
     out_dir: str | Path | None = None,
     with_oracle: bool = True,
@@ -203,7 +242,8 @@ def evaluate_checkpoint(
 
     Args:
         cfg: the run config (dataset location, decoding, workers, ``evaluation.*``).
-        checkpoint: checkpoint folder.
+        checkpoint: checkpoint folder; several (``"A,B"`` or a list): decoded as a
+            log-prob-averaging ensemble (:mod:`hericap.models.ensemble`).
         split: ``val`` or ``test`` (or ``train``).
         out_dir: where results and scores go (default: the run folder).
         with_oracle: also score the human oracle (off for a second checkpoint on one split).
@@ -211,20 +251,21 @@ def evaluate_checkpoint(
             is ~6 s); None: one of its own, closed after.
     """
     t0 = time.time()
-    checkpoint = Path(checkpoint).resolve()
+    checkpoints = [Path(c).resolve() for c in split_checkpoints(checkpoint)]
     # a CLIP set-up that cannot work fails before the decode, not after
     check_clip_setup(cfg.evaluation.clip_checkpoint, cfg.evaluation.clip_model)
     images = split_references(cfg, split)
-    candidates = decode_split(cfg, checkpoint, images)
+    candidates = decode_split(cfg, checkpoints, images)
     decode_s = time.time() - t0
     logger.info(
-        "decoded %d %s images in %.0fs (beam %d)",
+        "decoded %d %s images in %.0fs (%s)",
         len(candidates),
         split,
         decode_s,
-        cfg.decode.test_beam_size,
+        describe_search(cfg, len(checkpoints)),
     )
-    training = training_info(checkpoint)
+    training = ensemble_training(checkpoints)
+    where = ",".join(str(c) for c in checkpoints)
     with CocoScorer(spice_jars=None) if scorer is None else nullcontext(scorer) as active:
         report = score_split(
             cfg,
@@ -233,20 +274,14 @@ def evaluate_checkpoint(
             active,
             with_oracle,
             scst=training.get("phase") == "sc",
-            where=f"{split} split, {checkpoint}",
+            where=f"{split} split, {where}",
         )
     report.update(
         {
             "split": split,
-            "checkpoint": str(checkpoint),
+            "checkpoint": where,
             "training": training,
-            "decode": {
-                "beam_size": cfg.decode.test_beam_size,
-                "max_len": cfg.decode.max_len,
-                "length_penalty": cfg.decode.length_penalty,
-                "collapse_repeats": cfg.decode.collapse_repeats,
-                "decode_s": decode_s,
-            },
+            "decode": decode_record(cfg, checkpoints, decode_s),
             "evaluation": dataclasses.asdict(cfg.evaluation),
         }
     )

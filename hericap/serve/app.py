@@ -9,7 +9,9 @@
   time per replica, off the event loop.
 * ``GET /``: the web page (``static/index.html``, self-contained: no external scripts, styles or
   fonts): pick or drop an image, see the caption, the beams, the heatmaps, the model and timings.
-* ``GET /healthz``: the model id, the batching settings and the upload limits.
+* ``GET /healthz``: the model id, the batching settings, the decoding settings (beam size, every
+  ``decode.*`` control: the checkpoint's unless the application's arguments set them) and the
+  upload limits.
 * ``/docs``: OpenAPI (FastAPI's).
 
 Requests are batched by ``@serve.batch``; ``max_ongoing_requests`` is set above the batch size
@@ -41,6 +43,9 @@ from PIL import Image
 from ray import serve
 from ray.serve import Application
 
+from hericap.checkpoint.folder import read_config_and_vocab
+from hericap.config.flavours import resolve_options
+from hericap.models.decoding import check_search_controls
 from hericap.serve.images import (
     IMAGE_CONTENT_TYPES,
     ImageLimits,
@@ -48,9 +53,9 @@ from hericap.serve.images import (
     check_content_type,
     open_upload,
 )
-from hericap.serve.service import CaptionService
+from hericap.serve.service import CaptionService, service_controls
 
-__all__ = ["DEFAULTS", "build_app", "serve_config"]
+__all__ = ["DECODE_ARGS", "DEFAULTS", "build_app", "serve_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +74,24 @@ DEFAULTS: dict[str, Any] = {
     "max_bytes": ImageLimits.max_bytes,
     "max_pixels": ImageLimits.max_pixels,
     "max_side": ImageLimits.max_side,
+    # decoding controls (docs/decoding.md); None: the checkpoint's decode.* value
+    "alpha": None,
+    "length_penalty": None,
+    "no_repeat_ngram_size": None,
+    "min_len": None,
+    "beam_groups": None,
+    "diversity_strength": None,
+    "collapse_repeats": None,
+}
+# build_app's arguments that are decoding controls, and the type each one's value takes
+# (`serve run ... alpha=0.9` passes strings)
+DECODE_ARGS: dict[str, type] = {
+    "alpha": float,
+    "length_penalty": float,
+    "no_repeat_ngram_size": int,
+    "min_len": int,
+    "beam_groups": int,
+    "diversity_strength": float,
 }
 
 api = FastAPI(
@@ -118,10 +141,12 @@ class CaptionDeployment:
         batch_wait_timeout_s: float,
         torch_threads: int,
         limits: ImageLimits,
+        decode: dict[str, Any] | None = None,
+        collapse_repeats: bool | None = None,
     ) -> None:
         self.service = CaptionService(
             checkpoint, beam_size=beam_size, n_best=n_best, max_len=max_len,
-            torch_threads=torch_threads,
+            torch_threads=torch_threads, decode=decode or {}, collapse_repeats=collapse_repeats,
         )  # fmt: skip
         self.limits = limits
         self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
@@ -231,6 +256,7 @@ class CaptionDeployment:
             "model": self.service.id,
             "max_batch_size": self.max_batch_size,
             "batch_wait_timeout_s": self.batch_wait_timeout_s,
+            "decode": self.service.settings(),
             "limits": {
                 "max_bytes": self.limits.max_bytes,
                 "max_pixels": self.limits.max_pixels,
@@ -238,6 +264,37 @@ class CaptionDeployment:
                 "content_types": sorted(IMAGE_CONTENT_TYPES),
             },
         }
+
+
+def _flag(value: Any) -> bool | None:
+    """A boolean argument, also as the string `serve run key=value` passes."""
+    if value is None or isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(f"collapse_repeats={value!r}: use true or false")
+    return text in ("true", "1", "yes")
+
+
+def _decode_args(a: dict[str, Any]) -> dict[str, Any]:
+    """The decoding controls among the arguments, typed (left out or None: the checkpoint's)."""
+    try:
+        return {k: kind(a[k]) for k, kind in DECODE_ARGS.items() if a[k] is not None}
+    except ValueError as e:
+        raise ValueError(f"bad decoding argument: {e} (see docs/decoding.md)") from e
+
+
+def _check_decoding(checkpoint: str, decode: dict[str, Any], beam_size: int, max_len: int) -> None:
+    """Bad decoding arguments fail here, not in every replica: they are checked with the
+    checkpoint's own ``decode.*`` when its folder is readable from this process."""
+    try:
+        config, _ = read_config_and_vocab(checkpoint)
+    except FileNotFoundError:
+        logger.info("%s is not readable here: its replicas check the decoding", checkpoint)
+        return
+    controls = service_controls(config.decode, decode)
+    controls.validate(beam_size, max_len)
+    check_search_controls(resolve_options(config.model).beam_search, controls)
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -249,6 +306,8 @@ def build_app(args: dict[str, Any]) -> Application:
     if not a["checkpoint"]:
         raise ValueError("serve needs checkpoint=PATH (a HeriCap checkpoint folder)")
     max_batch = int(a["max_batch_size"])
+    decode = _decode_args(a)
+    _check_decoding(str(a["checkpoint"]), decode, int(a["beam_size"]), int(a["max_len"]))
     options: dict[str, Any] = {
         # room for a full batch waiting while another decodes
         "max_ongoing_requests": max(2 * max_batch, 8),
@@ -270,6 +329,8 @@ def build_app(args: dict[str, Any]) -> Application:
         batch_wait_timeout_s=float(a["batch_wait_timeout_s"]),
         torch_threads=int(a["torch_threads"]),
         limits=ImageLimits(int(a["max_bytes"]), int(a["max_pixels"]), int(a["max_side"])),
+        decode=decode,
+        collapse_repeats=_flag(a["collapse_repeats"]),
     )
 
 

@@ -3,8 +3,10 @@ per-word attention maps (no Ray: the Serve deployment and ``hericap caption`` bo
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +17,10 @@ from PIL import Image
 from hericap.checkpoint import load_checkpoint
 from hericap.data.transforms import prepare_batch, resize_spec, resize_to_canvas
 from hericap.evaluation.explain import WordAttention, word_attention
+from hericap.models.builder import decode_controls
+from hericap.models.decoding import DecodeControls, check_search_controls
 
-__all__ = ["CaptionService", "attention_json", "model_id"]
+__all__ = ["CaptionService", "attention_json", "model_id", "service_controls"]
 
 # digits kept of the [0, 1] attention weights sent to the page: finer is invisible on a heatmap
 _DIGITS = 3
@@ -54,6 +58,21 @@ def attention_json(wa: WordAttention) -> dict[str, Any]:
     return out
 
 
+def service_controls(checkpoint_decode: Any, overrides: Mapping[str, Any]) -> DecodeControls:
+    """The checkpoint's ``decode.*`` controls (its config's ``decode`` section) with
+    ``overrides`` (control name -> value; None: the checkpoint's) applied.
+
+    Raises:
+        ValueError: an unknown control name (the known ones are listed).
+    """
+    known = [f.name for f in dataclasses.fields(DecodeControls)]
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise ValueError(f"unknown decoding controls {unknown}; known: {known}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(decode_controls(checkpoint_decode), **given)
+
+
 def model_id(checkpoint: str | Path, meta: dict[str, Any]) -> str:
     """``<run name>/epoch<N>`` of a checkpoint, for responses and logs."""
     name = Path(checkpoint).resolve().parent.name
@@ -62,12 +81,16 @@ def model_id(checkpoint: str | Path, meta: dict[str, Any]) -> str:
 
 @dataclass
 class CaptionService:
-    """A loaded checkpoint that captions lists of PIL images (beam search, top-n beams).
+    """A loaded checkpoint that captions lists of PIL images (beam search, top-n beams; or
+    ``sample``: ``n_best`` samples per image).
 
     The images of one call are decoded as one batch, padded as the checkpoint's flavour pads
     (``model.padding``: HeriCap's captions do not depend on the batch; a research flavour pads
     like the research code, so its captions do). ``collapse_repeats`` None: the checkpoint's
-    ``decode.collapse_repeats``.
+    ``decode.collapse_repeats``. ``decode``: decoding controls (``alpha``, ``min_len``,
+    ``top_k``..., the ``decode.*`` names) over the checkpoint's own; a None value keeps the
+    checkpoint's. ``seed``: the sampling generator's seed, per call (the same images give the
+    same samples).
     """
 
     checkpoint: str
@@ -76,6 +99,9 @@ class CaptionService:
     max_len: int = 20
     torch_threads: int = 0
     collapse_repeats: bool | None = None
+    decode: Mapping[str, Any] = field(default_factory=dict)
+    sample: bool = False
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.torch_threads:
@@ -83,16 +109,33 @@ class CaptionService:
         if self.n_best < 1:
             raise ValueError(f"n_best={self.n_best} must be >= 1")
         self.loaded = load_checkpoint(self.checkpoint)  # weights_only=True, strict
-        if self.n_best > self.beam_size and self.loaded.model.search != "research":
+        search = self.loaded.model.search
+        if not self.sample and self.n_best > self.beam_size and search != "research":
             raise ValueError(f"n_best={self.n_best} must be in [1, beam_size={self.beam_size}]")
         if self.collapse_repeats is None:
             self.collapse_repeats = self.loaded.config.decode.collapse_repeats
+        self.controls = service_controls(self.loaded.config.decode, self.decode)
+        self.controls.validate(None if self.sample else self.beam_size, self.max_len)
+        if not self.sample:
+            check_search_controls(search, self.controls)
         self.resize = resize_spec(self.loaded.config.dataset)
         self.id = model_id(self.checkpoint, self.loaded.meta)
 
     def prepare(self, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
         canvases, sizes = zip(*(resize_to_canvas(im, self.resize) for im in images), strict=True)
         return np.stack(canvases), np.asarray(sizes)
+
+    def settings(self) -> dict[str, Any]:
+        """How captions are decoded: beam size or sampling, length, every control."""
+        how = {"sample": self.sample, "seed": self.seed} if self.sample else {}
+        return {
+            "beam_size": None if self.sample else self.beam_size,
+            "n_best": self.n_best,
+            "max_len": self.max_len,
+            "collapse_repeats": self.collapse_repeats,
+            **self.controls.as_dict(),
+            **how,
+        }
 
     @torch.no_grad()
     def caption(self, images: list[Image.Image]) -> list[dict[str, Any]]:
@@ -105,7 +148,14 @@ class CaptionService:
         batch, sizes = self.prepare(images)
         x, hw = prepare_batch(batch, sizes, model.input_multiple, model.zero_padding)
         out = model.generate(
-            x, beam_size=self.beam_size, max_len=self.max_len, n_best=self.n_best, image_hw=hw
+            x,
+            beam_size=self.beam_size,
+            max_len=self.max_len,
+            n_best=self.n_best,
+            image_hw=hw,
+            controls=self.controls,
+            sample=self.sample,
+            generator=torch.Generator(device=x.device).manual_seed(self.seed),
         )
         decode_ms = 1000 * (time.perf_counter() - t0)
         results = []

@@ -35,7 +35,7 @@ from hericap.config.loader import from_dict
 from hericap.data.text import Vocabulary
 from hericap.data.transforms import prepare_batch, resize_spec
 from hericap.evaluation.diversity import DIVERSITY_KEYS, collapse_warning
-from hericap.models.builder import build_captioner, format_parameter_summary
+from hericap.models.builder import build_captioner, decode_controls, format_parameter_summary
 from hericap.models.weights import load_state_dict_strict
 from hericap.training.ema import WeightEma, checkpoint_weights, restore_weights
 from hericap.training.optim import build_optimizer, constant_lr, warmup_cosine, warmup_length
@@ -267,6 +267,8 @@ class CaptionRecipe:
             self.vocab.bos_idx,
             self.vocab.eos_idx,
             self.vocab.pad_idx,
+            top_k=self.cfg.decode.top_k,
+            top_p=self.cfg.decode.top_p,
         )
 
     # ----------------------------------------------------------------- training
@@ -483,6 +485,12 @@ class CaptionRecipe:
             logger.warning("%s", warning)
         self.save_checkpoint(metrics, {"epoch": state.epoch})
 
+    def _sampling_record(self) -> dict[str, Any]:
+        """``sc_top_k`` / ``sc_top_p`` when SCST samples (leave_one_out, greedy baselines)."""
+        if self.cfg.optimizer.sc_baseline == "beam_mean":
+            return {}
+        return {"sc_top_k": self.cfg.decode.top_k, "sc_top_p": self.cfg.decode.top_p}
+
     def _epoch_metrics(
         self,
         state: EpochState,
@@ -503,6 +511,8 @@ class CaptionRecipe:
             "train_loss": loss_sum / max(1.0, batches),
             "val_CIDEr": val.cider,
             "val_images": val.images,
+            # how val was decoded: greedy or beam N, and the decode.* controls set
+            "val_decode": decode_controls(self.cfg.decode).describe(self.cfg.decode.val_beam_size),
             # the weights validated (and kept when best): the moving average when > 0
             "ema_decay": opt.ema_decay,
             **{f"val_{k}": val.diversity[k] for k in DIVERSITY_KEYS},
@@ -517,6 +527,8 @@ class CaptionRecipe:
                     "train_reward": reward_sum / max(1.0, batches),
                     "sc_baseline": opt.sc_baseline,
                     "sc_include_eos": opt.sc_include_eos,
+                    # what the sampling baselines sample from (decode.top_k / top_p)
+                    **self._sampling_record(),
                 }
                 if self.phase.kind == "sc"
                 else {}
@@ -561,6 +573,7 @@ class CaptionRecipe:
                 self.world,
                 train_fingerprints=self.train_fingerprints,
                 collapse_unique_share=self.cfg.evaluation.collapse_unique_share,
+                controls=decode_controls(decode),
             )
 
     # ----------------------------------------------------------------- checkpoints

@@ -26,7 +26,7 @@ from hericap.config.schema import SCST_BASELINES
 from hericap.data.ptb import ptb_tokenize
 from hericap.data.text import Vocabulary
 from hericap.evaluation.cider import CiderD, drop_empty_words
-from hericap.models.decoding import beam_search, greedy_decode, sample_decode
+from hericap.models.decoding import DecodeControls, beam_search, greedy_decode, sample_decode
 
 __all__ = [
     "SCST_BASELINES",
@@ -121,12 +121,21 @@ def make_scst_decoder(
     eos_idx: int,
     pad_idx: int,
     temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> Callable[[object, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor | None]]:
     """The decoding step of SCST for :meth:`Captioner.forward`'s ``decode`` argument: returns
-    ``tokens [B, k, T]`` to train on and, for the greedy baseline, ``greedy tokens [B, 1, T]``."""
+    ``tokens [B, k, T]`` to train on and, for the greedy baseline, ``greedy tokens [B, 1, T]``.
+
+    The sampling baselines (``leave_one_out``, ``greedy``) draw among the ``top_k`` likeliest
+    words and the nucleus of mass ``top_p`` (``decode.top_k`` / ``decode.top_p``; 0 and 1: every
+    word); the beams of ``beam_mean`` and the greedy baseline's caption are not affected.
+    """
     if baseline not in SCST_BASELINES:
         raise ValueError(f"unknown SCST baseline {baseline!r}; known: {list(SCST_BASELINES)}")
     ids = {"bos_idx": bos_idx, "eos_idx": eos_idx, "pad_idx": pad_idx}
+    sampling = DecodeControls(top_k=top_k, top_p=top_p)
+    sampling.validate()
 
     def decode(model, memories, memory_masks=None):
         decoder = model.decoder
@@ -137,7 +146,13 @@ def make_scst_decoder(
             )
             return out.tokens, None
         out = sample_decode(
-            decoder, memories, max_len, num_samples=num_sequences, temperature=temperature, **masks
+            decoder,
+            memories,
+            max_len,
+            num_samples=num_sequences,
+            temperature=temperature,
+            controls=sampling,
+            **masks,
         )
         if baseline == "greedy":
             return out.tokens, greedy_decode(decoder, memories, max_len, **masks).tokens

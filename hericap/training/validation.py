@@ -20,6 +20,7 @@ from hericap.data.transforms import ResizeSpec, load_image, resize_to_canvas
 from hericap.evaluation.coco_metrics import cider_d
 from hericap.evaluation.diversity import diversity_scores
 from hericap.evaluation.inference import caption_batch
+from hericap.models.decoding import DecodeControls
 
 __all__ = ["ValidationResult", "iter_val_slice", "validate"]
 
@@ -88,10 +89,12 @@ def validate(
     world: int,
     train_fingerprints: np.ndarray | None = None,
     collapse_unique_share: float = 0.0,
+    controls: DecodeControls | None = None,
 ) -> ValidationResult:
-    """Decode this rank's slice of the val images with ``net`` (the unwrapped model); every rank
-    returns the same CIDEr-D, images decoded and diversity of the captions (``novel_share``
-    against ``train_fingerprints``; ``collapse`` below ``collapse_unique_share``).
+    """Decode this rank's slice of the val images with ``net`` (the unwrapped model; the
+    ``decode.*`` ``controls`` apply); every rank returns the same CIDEr-D, images decoded and
+    diversity of the captions (``novel_share`` against ``train_fingerprints``; ``collapse``
+    below ``collapse_unique_share``).
 
     Raises:
         RuntimeError: the ranks together did not decode every val image.
@@ -100,7 +103,7 @@ def validate(
     mine: list[tuple[str, str]] = []
     for ids, images, sizes in iter_val_slice(files, references, resize, batch_size, rank, world):
         captions = caption_batch(
-            net, vocab, images, beam_size, max_len, device=device, image_hw=sizes
+            net, vocab, images, beam_size, max_len, device=device, image_hw=sizes, controls=controls
         )
         mine.extend(zip(ids, captions, strict=True))
     gathered: list[list[tuple[str, str]]] = [mine]
