@@ -31,6 +31,7 @@ SPLITS = ("train", "val", "test")
 RESIZE_MODES = ("square", "max_side", "maxwh")
 AUGMENTATIONS = ("none", "randaugment")
 MIXED_PRECISION = ("auto", "bf16", "no")
+TRACKING_MODES = ("tensorboard", "mlflow", "both", "none")
 # What a COCO test-server / EvalAI submission name may hold.
 SUBMISSION_NAME = re.compile(r"[A-Za-z0-9-]+")
 
@@ -85,6 +86,10 @@ class ExpConfig:
     max_failures: int = 3
     # Every this many optimiser steps, rank 0 logs loss / LR / grad norm (steps.csv, TensorBoard).
     log_every_steps: int = 10
+    # Dashboards: "tensorboard" (event files in the run folder), "mlflow" (a run in
+    # $MLFLOW_TRACKING_URI, else the local store <output_dir>/mlruns; rank 0 logs live),
+    # "both" or "none" (the CSVs only). Sweeps: one MLflow run per trial.
+    tracking: str = "tensorboard"
 
 
 @dataclass
@@ -540,6 +545,8 @@ class Config:
         for key in ("epochs_per_run", "steps_per_run", "checkpoint_every_steps"):
             if getattr(self.exp, key) < 0:
                 raise ValueError(f"exp.{key}={getattr(self.exp, key)} must be >= 0")
+        if self.exp.tracking not in TRACKING_MODES:
+            raise ValueError(f"exp.tracking={self.exp.tracking!r}; known: {list(TRACKING_MODES)}")
         if self.exp.mixed_precision not in MIXED_PRECISION:
             raise ValueError(
                 f"exp.mixed_precision={self.exp.mixed_precision!r}; known: {list(MIXED_PRECISION)}"

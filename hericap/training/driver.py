@@ -34,6 +34,7 @@ from hericap.training.loop import train_loop_per_worker
 from hericap.training.phases import configured_phases
 from hericap.training.run_logs import write_run_logs
 from hericap.training.run_storage import KEPT_BEST, RUN_NAME, KeepBest, RunStorage
+from hericap.training.tracking import tracking_uri, uses_mlflow
 
 __all__ = [
     "TrainData",
@@ -228,6 +229,9 @@ def _make_trainer(
             "train_references": data.train_references,
             "train_fingerprints": data.train_fingerprints,
             "batches_per_epoch": data.batches_per_epoch,
+            "tracking_uri": (
+                tracking_uri(cfg.exp.output_dir) if uses_mlflow(cfg.exp.tracking) else None
+            ),
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.exp.world_size,

@@ -31,7 +31,7 @@ from torch import nn
 from hericap.checkpoint import META_FILE, MODEL_FILE, STATE_FILE
 from hericap.checkpoint import save_checkpoint as write_checkpoint_folder
 from hericap.checkpoint.folder import read_model_state
-from hericap.config.loader import from_dict
+from hericap.config.loader import from_dict, to_dict
 from hericap.data.text import Vocabulary
 from hericap.data.transforms import prepare_batch, resize_spec
 from hericap.evaluation.diversity import DIVERSITY_KEYS, collapse_warning
@@ -42,6 +42,7 @@ from hericap.training.optim import build_optimizer, constant_lr, warmup_cosine, 
 from hericap.training.phases import Phase, configured_phases, phase_at
 from hericap.training.rng import get_rng_state, seed_everything, set_rng_state
 from hericap.training.scst import CiderReward, make_scst_decoder, scst_step
+from hericap.training.tracking import MlflowRun, flat_params, numeric_metrics, uses_mlflow
 from hericap.training.validation import ValidationResult, validate
 from hericap.training.xe import pick_captions, xe_loss
 
@@ -125,6 +126,8 @@ class CaptionRecipe:
         self.train_references: dict[str, list[str]] = loop_config["train_references"]
         self.train_fingerprints = loop_config.get("train_fingerprints")
         self.batches_per_epoch: int = loop_config["batches_per_epoch"]
+        # the MLflow store, resolved by the driver (None: exp.tracking logs no MLflow run)
+        self.tracking_uri: str | None = loop_config.get("tracking_uri")
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.phases = configured_phases(self.cfg.optimizer)
@@ -160,7 +163,19 @@ class CaptionRecipe:
         self.model = self._wrap(self.phase)
         self._setup_optimizer(self.phase, train_state)
         self._setup_data()
+        self._setup_tracking(train_state)
         return True
+
+    def _setup_tracking(self, train_state: dict[str, Any] | None) -> None:
+        """Rank 0 opens the run's MLflow run (``exp.tracking``), or continues it on resume."""
+        self.tracker: MlflowRun | None = None
+        if self.rank != 0 or not uses_mlflow(self.cfg.exp.tracking):
+            return
+        run_id = (train_state or {}).get("mlflow_run_id")
+        name = self.cfg.exp.name
+        self.tracker = MlflowRun(self.tracking_uri, experiment=name, run_name=name, run_id=run_id)
+        if run_id is None:
+            self.tracker.log_params(flat_params(to_dict(self.cfg)))
 
     def _setup_model(self) -> None:
         torch.manual_seed(self.cfg.exp.seed)  # identical initial weights on every rank
@@ -428,19 +443,21 @@ class CaptionRecipe:
         lr, lr_backbone = _learning_rates(self.optimizer)
         sc = self.phase.kind == "sc"
         if self.step % max(1, self.cfg.exp.log_every_steps) == 0:
-            self.step_log.append(
-                {
-                    "step": self.step,
-                    "epoch": state.epoch,
-                    "phase": self.phase.name,
-                    "loss": loss,
-                    "lr": lr,
-                    "lr_backbone": lr_backbone,
-                    **({"grad_norm": grad_norm} if grad_norm is not None else {}),
-                    **({"reward": state.last_reward} if sc else {}),
-                    "elapsed_s": time.time() - self.run_start,
-                }
-            )
+            entry = {
+                "step": self.step,
+                "epoch": state.epoch,
+                "phase": self.phase.name,
+                "loss": loss,
+                "lr": lr,
+                "lr_backbone": lr_backbone,
+                **({"grad_norm": grad_norm} if grad_norm is not None else {}),
+                **({"reward": state.last_reward} if sc else {}),
+                "elapsed_s": time.time() - self.run_start,
+            }
+            self.step_log.append(entry)
+            if self.tracker is not None:
+                logged = {k: v for k, v in entry.items() if k not in ("step", "epoch")}
+                self.tracker.log_metrics(numeric_metrics(logged, "step/"), self.step)
         if state.updates % PROGRESS_EVERY_STEPS == 0:
             logger.info(
                 "%s epoch %d/%d step %d/%d loss %.3f%s lr %.2e elapsed %.0fs",
@@ -463,6 +480,8 @@ class CaptionRecipe:
         val = self.validate()
         metrics = self._epoch_metrics(state, sums, val, train_time)
         self.history.append(metrics)
+        if self.tracker is not None:
+            self.tracker.log_metrics(numeric_metrics(metrics, "epoch/"), self.step)
         self._log(
             "%s epoch %d/%d done: loss %.3f val CIDEr %.3f (%d images, %.0f%% distinct "
             "captions) train %.0fs total %.0fs",
@@ -604,13 +623,16 @@ class CaptionRecipe:
             ray.train.report(metrics)
             return
         weights, raw = checkpoint_weights(self.net, self.ema)
+        # the MLflow run this checkpoint belongs to: a resume continues it, the driver adds the
+        # artefacts to it
+        tracked = {"mlflow_run_id": self.tracker.run_id} if self.tracker is not None else {}
         with tempfile.TemporaryDirectory() as tmp:
             write_checkpoint_folder(
                 tmp,
                 weights,
                 self.cfg,
                 self.vocab,
-                meta={**metrics, "history": self.history, "steps": self.step_log},
+                meta={**metrics, "history": self.history, "steps": self.step_log, **tracked},
                 training_state={
                     "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(),
@@ -618,6 +640,7 @@ class CaptionRecipe:
                     "step": self.step,
                     "phase": self.phase.name,
                     "attempt": self.attempt,
+                    **tracked,
                     **raw,
                     **state,
                 },
@@ -628,6 +651,8 @@ class CaptionRecipe:
         """Release what the run holds (the DDP wrapper and the reward's tables)."""
         self.model = None
         self.reward = None
+        if self.tracker is not None:
+            self.tracker.end()
 
     def _log(self, message: str, *args: Any) -> None:
         """Log on rank 0 only."""

@@ -23,6 +23,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from hericap.config.schema import TRACKING_MODES
+
 __all__ = [
     "TRACKING_MODES",
     "MlflowRun",
@@ -35,7 +37,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TRACKING_MODES = ("tensorboard", "mlflow", "both", "none")
 # the local store's folder under exp.output_dir
 LOCAL_STORE = "mlruns"
 # MLflow 3 keeps its file store in maintenance mode and refuses it unless this is set; a local
