@@ -35,10 +35,8 @@ class FixedLength:
     def reorder_cache(self, cache, index):
         self.decoder.reorder_cache(cache, index)
 
-    def step(self, tokens, memories, cache, position, need_weights=False, captions_per_memory=1):
-        logp, w = self.decoder.step(
-            tokens, memories, cache, position, captions_per_memory=captions_per_memory
-        )
+    def step(self, tokens, memories, cache, position, **kwargs):
+        logp, w = self.decoder.step(tokens, memories, cache, position, **kwargs)
         if position < self.words:
             logp = logp.clone()
             logp[:, self.eos_idx] = float("-inf")
@@ -57,14 +55,16 @@ class Recompute:
     def reorder_cache(self, cache, index):
         cache["prefix"] = cache["prefix"].index_select(0, index)
 
-    def step(self, tokens, memories, cache, position, need_weights=False, captions_per_memory=1):
+    def step(self, tokens, memories, cache, position, captions_per_memory=1, memory_masks=None):
         prefix = (
             tokens[:, None]
             if cache["prefix"] is None
             else torch.cat([cache["prefix"], tokens[:, None]], dim=1)
         )
         cache["prefix"] = prefix
-        log_probs, _ = self.decoder(prefix, memories, captions_per_memory=captions_per_memory)
+        log_probs, _ = self.decoder(
+            prefix, memories, captions_per_memory=captions_per_memory, memory_masks=memory_masks
+        )
         return log_probs[:, -1], []
 
 

@@ -37,6 +37,16 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Manifest:
     )
 
 
+@pytest.fixture(scope="session")
+def coco_scorer():
+    """One coco-caption toolkit scorer (one METEOR JVM, ~6-10 s to start) for every Java test
+    module that scores captions."""
+    from hericap.evaluation.coco_metrics import CocoScorer
+
+    with CocoScorer() as scorer:
+        yield scorer
+
+
 # Files every real-data test may rely on: when HERICAP_REALDATA is set, they must be there.
 REALDATA_FILES = (
     "flickr8k/dataset_flickr8k.json",

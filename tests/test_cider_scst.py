@@ -184,6 +184,23 @@ def test_reward_scores_token_ids_like_text_and_counts_eos():
     assert drop_with > drop_without
 
 
+def test_reward_accepts_whitespace_only_vocabulary_entries():
+    """The research vocabulary has entries such as " " and "\\n": they decode to no word, so a
+    caption holding them is rewarded as the same caption without them."""
+    vocab = _vocab()
+    vocab = Vocabulary([*vocab.itos, " ", "\n", "  "])
+    reward = CiderReward(REFS, vocab, include_eos=True)
+    words = ["a", "man", "riding", "a", "wave"]
+    ids = [vocab.stoi[w] for w in words]
+    blank, newline = vocab.stoi[" "], vocab.stoi["\n"]
+    clean = torch.tensor([[*ids, vocab.eos_idx, vocab.pad_idx, vocab.pad_idx]])
+    spaced = torch.tensor([[ids[0], blank, *ids[1:3], newline, *ids[3:], vocab.eos_idx]])
+    assert reward(["a"], spaced)[0] == pytest.approx(reward(["a"], clean)[0], abs=1e-12)
+    assert reward(["a"], clean)[0] > 0
+    with pytest.raises(ValueError, match="single words"):
+        CiderReward(REFS, Vocabulary([*vocab.itos, "two words"]))
+
+
 def test_advantages_for_each_baseline():
     rewards = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 3.0]])
     np.testing.assert_allclose(advantages(rewards, "beam_mean"), [[-1, 0, 1], [-1, -1, 2]])

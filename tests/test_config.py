@@ -229,3 +229,18 @@ def test_the_cli_refuses_a_bad_config_and_a_previous_run_before_ray_starts(
     err = capsys.readouterr().err
     assert "exp.resume=True" in err and "exp.overwrite=True" in err and str(previous.parent) in err
     assert previous.read_text() == '{"val_CIDEr": 1.0}'
+
+
+def test_the_configuration_reference_is_current_and_describes_every_key():
+    """docs/configuration.md is generated from the schema; regenerate it with
+    `python -m hericap.config.reference > docs/configuration.md` after changing a key."""
+    from pathlib import Path
+
+    from hericap.config.loader import valid_keys
+    from hericap.config.reference import reference_markdown
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    assert page == reference_markdown(), "docs/configuration.md is stale: regenerate it"
+    for key in valid_keys():
+        (row,) = [line for line in page.splitlines() if line.startswith(f"| `{key}` |")]
+        assert row.rstrip(" |").rsplit("|", 1)[-1].strip(), f"{key} has no description"

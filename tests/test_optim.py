@@ -51,3 +51,31 @@ def test_warmup_then_cosine():
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(a >= b for a, b in itertools.pairwise(lrs[3:]))
     assert abs(opt.param_groups[0]["lr"] - 0.1) < 1e-9
+
+
+def test_the_paper_recipe_warms_up_over_one_epoch_then_holds_the_rate():
+    """`preset=paper`: the research schedule (warm-up over the first epoch, then constant: its
+    min_lr equals xe_lr), phases 0/0/10/10, no weight decay (the research optimiser's
+    `weight_decay_rate` key is ignored by torch's Adam)."""
+    from hericap.config import load_config
+    from hericap.training.optim import warmup_length
+
+    opt = load_config(["preset=paper"]).optimizer
+    assert (opt.freezing_xe_epochs, opt.freezing_sc_epochs) == (0, 0)
+    assert (opt.finetune_xe_epochs, opt.finetune_sc_epochs) == (10, 10)
+    assert opt.weight_decay == 0.0 and (opt.beta_1, opt.beta_2) == (0.9, 0.99)
+    per_epoch = 442  # 113,287 COCO train images / (8 workers x 32)
+    warmup = warmup_length(opt.warmup_steps, opt.warmup_epochs, per_epoch)
+    assert warmup == per_epoch
+    model = nn.Linear(2, 2)
+    optimizer = build_optimizer(model, opt.xe_lr, opt.xe_backbone_lr, 0.0, (0.9, 0.99))
+    schedule = warmup_cosine(optimizer, warmup, 10 * per_epoch, opt.min_lr_ratio)
+    lrs = []
+    for _ in range(3 * per_epoch):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs[0] < opt.xe_lr / 100 and lrs[per_epoch // 2] < opt.xe_lr
+    assert all(lr == opt.xe_lr for lr in lrs[per_epoch:])
+    # without warmup_epochs, warmup_steps counts
+    assert warmup_length(100, 0.0, per_epoch) == 100

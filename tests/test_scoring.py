@@ -62,9 +62,8 @@ def _toolkit_scores(refs, cands, cider_only: bool = False) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def scorer():
-    with CocoScorer() as s:
-        yield s
+def scorer(coco_scorer):
+    return coco_scorer
 
 
 def test_hand_made_example_matches_toolkit(scorer):

@@ -52,13 +52,20 @@ def _shard_run_config(name: str, tmp_path, tiny_shards, *extra: str):
 def _val_cider(ckpt, cfg, shards, world: int) -> float:
     """Val CIDEr-D of a loaded checkpoint, decoding each rank's slice as validation does."""
     from hericap.data.shards import read_rows
-    from hericap.data.transforms import resize_spec
     from hericap.evaluation.coco_metrics import cider_d
-    from hericap.evaluation.inference import caption_batch
-    from hericap.training.validation import iter_val_slice
 
     files = [str(f) for f in shards.files("val")]
     references = {r["image_id"]: list(r["captions"]) for r in read_rows(files)}
+    return cider_d(references, _val_captions(ckpt, cfg, files, references, world))
+
+
+def _val_captions(ckpt, cfg, files, references, world: int) -> dict[str, str]:
+    """The captions a loaded checkpoint gives the val images of ``references``, each rank's
+    slice decoded as validation decodes it (one batch each, one thread)."""
+    from hericap.data.transforms import resize_spec
+    from hericap.evaluation.inference import caption_batch
+    from hericap.training.validation import iter_val_slice
+
     candidates = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers ran (exp.cpus_per_worker=1)
@@ -79,7 +86,7 @@ def _val_cider(ckpt, cfg, shards, world: int) -> float:
                 candidates.update(zip(ids, captions, strict=True))
     finally:
         torch.set_num_threads(threads)
-    return cider_d(references, candidates)
+    return candidates
 
 
 @pytest.mark.java  # the test split is scored with the coco-caption toolkit
@@ -90,6 +97,7 @@ def test_two_worker_run_of_the_whole_family_writes_a_checkpoint_that_loads_and_s
     paper's input pipeline at toy sizes (aspect-kept resize onto padded canvases, RandAugment):
     DDP without ``find_unused_parameters`` fails on the second step if any trainable parameter
     is unused. The checkpoint loads, generates and scores."""
+    from hericap.data.shards import read_rows
     from hericap.runtime.batch_eval import evaluate_checkpoint
     from hericap.training.driver import train
 
@@ -112,6 +120,8 @@ def test_two_worker_run_of_the_whole_family_writes_a_checkpoint_that_loads_and_s
             "optimizer.warmup_steps=2",
             "decode.test_beam_size=2",
             "decode.max_len=6",
+            "evaluation.per_image=True",
+            "evaluation.worst_images=3",
         ]
     )
     outcome = train(cfg)
@@ -141,6 +151,21 @@ def test_two_worker_run_of_the_whole_family_writes_a_checkpoint_that_loads_and_s
     assert set(report["semantic"]) >= {"shape_f1", "colour_f1", "count_acc", "exact_scene"}
     results = json.loads((tmp_path / "ray_test" / "test_results.json").read_text())
     assert len(results) == 32 and {"image_id", "caption"} <= set(results[0])
+    # diversity of the test captions (novel against the train references), recorded with the
+    # settings; the per-image file with every metric and the worst three by CIDEr
+    from hericap.evaluation.diversity import caption_fingerprints, diversity_scores
+
+    captions = {r["image_id"]: r["caption"] for r in results}
+    train_refs = [c for r in read_rows(tiny_shards.files("train")) for c in r["captions"]]
+    assert report["diversity"] == diversity_scores(
+        captions, caption_fingerprints(train_refs), cfg.evaluation.collapse_unique_share
+    ) | {"novel_from": report["diversity"]["novel_from"]}
+    assert report["evaluation"]["per_image"] and report["training"]["ema_decay"] == 0.0
+    per_image = json.loads((tmp_path / "ray_test" / "test_per_image.json").read_text())
+    assert len(per_image["images"]) == 32 and report["files"]["per_image"].endswith(".json")
+    assert set(per_image["images"][0]) >= {"caption", "references", "CIDEr", "METEOR", "Bleu_4"}
+    worst = sorted(per_image["images"], key=lambda r: (r["CIDEr"], r["image_id"]))[:3]
+    assert per_image["worst"] == worst == report["worst_images"]
 
 
 def test_checkpoint_mismatch_is_an_error(tmp_path, tiny_shards):
@@ -198,9 +223,11 @@ def test_four_phases_freeze_then_finetune_under_ddp_with_accumulation(
     ray_cluster, tiny_shards, tmp_path
 ):
     """freezing_xe -> freezing_sc -> finetune_xe -> finetune_sc, 2 DDP workers, 2 accumulated
-    batches per step, bf16 autocast (here on CPU; GPU runs get it by default): the backbone does
-    not move in the frozen phases and does after; the SCST epochs record their reward setting.
-    (A backbone LR of 0 freezing a phase is tested in test_phases.py.)"""
+    batches per step, bf16 autocast (here on CPU; GPU runs get it by default), a moving average
+    of the weights: the backbone does not move in the frozen phases and does after; the SCST
+    epochs record their reward setting; validation scores the average, which model.pt holds,
+    and records the val captions' diversity. (A backbone LR of 0 freezing a phase is tested in
+    test_phases.py; the average's arithmetic and exact resume in test_ema_average.py.)"""
     from hericap.models.builder import build_captioner
     from hericap.training.driver import train
 
@@ -229,6 +256,7 @@ def test_four_phases_freeze_then_finetune_under_ddp_with_accumulation(
         "optimizer.checkpoint_num_to_keep=4",
         "exp.log_every_steps=1",
         "decode.max_len=6",
+        "optimizer.ema_decay=0.5",
         "exp.overwrite=True",
     )
     outcome = train(cfg)
@@ -267,6 +295,33 @@ def test_four_phases_freeze_then_finetune_under_ddp_with_accumulation(
         assert any(not torch.equal(states[epoch][k], initial[k]) for k in decoder)
     assert any(not torch.equal(states[2][k], initial[k]) for k in extractor)
 
+    # EMA: model.pt holds the average (above: a frozen weight's average stays exact), the
+    # training state the raw weights; the kept best's model.pt, decoded as the two workers
+    # decoded the val images, gives the val CIDEr-D and diversity its epoch reported (after 8
+    # steps this toy model may say one caption with either weights, so which weights validation
+    # decodes is checked in test_ema_average.py, on the recipe itself)
+    from hericap.data.catalog import first_image_ids
+    from hericap.data.shards import read_rows
+    from hericap.evaluation.coco_metrics import cider_d
+    from hericap.evaluation.diversity import caption_fingerprints, diversity_scores
+
+    assert state["ema"] == {"decay": 0.5, "updates": 8}
+    averaged = torch.load(Path(outcome.latest_checkpoint) / "model.pt", weights_only=True)
+    assert any(not torch.equal(state["raw_model"][k], averaged[k]) for k in decoder)
+    assert all(h["ema_decay"] == 0.5 for h in outcome.history)
+    best = load_checkpoint(outcome.best_checkpoint)
+    files = [str(f) for f in tiny_shards.files("train")]
+    keep = set(first_image_ids(tiny_shards.files("train"), 64))  # dataset.overfit: val = train
+    refs = {r["image_id"]: list(r["captions"]) for r in read_rows(files) if r["image_id"] in keep}
+    captions = _val_captions(best, cfg, files, refs, world=2)
+    assert best.meta["val_CIDEr"] == pytest.approx(cider_d(refs, captions), abs=1e-9)
+    seen = caption_fingerprints(c for v in refs.values() for c in v)
+    expected = diversity_scores(captions, seen, cfg.evaluation.collapse_unique_share)
+    for key in ("distinct_1", "distinct_2", "vocab_used", "unique_share", "novel_share"):
+        assert best.meta[f"val_{key}"] == pytest.approx(expected[key]), key
+    assert best.meta["val_collapse"] == expected["collapse"]
+    assert all(h["val_collapse"] == (h["val_unique_share"] < 0.1) for h in outcome.history)
+
     # observability: CSVs, TensorBoard event files, and `hericap plot`
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -283,6 +338,7 @@ def test_four_phases_freeze_then_finetune_under_ddp_with_accumulation(
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"epoch/val_CIDEr", "epoch/train_loss", "step/loss", "step/lr", "step/reward"} <= tags
+    assert {"epoch/val_unique_share", "epoch/val_distinct_2"} <= tags
     assert [e.step for e in events.Scalars("epoch/val_CIDEr")] == [2, 4, 6, 8]
     assert main(["plot", str(run_dir)]) == 0
     with Image.open(run_dir / "curves.png") as png:

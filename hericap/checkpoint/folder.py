@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,8 @@ __all__ = [
     "LoadedCheckpoint",
     "load_checkpoint",
     "read_checkpoint_files",
+    "read_config_and_vocab",
+    "read_model_state",
     "save_checkpoint",
 ]
 
@@ -58,22 +61,60 @@ def _tensor_bytes(obj: Any) -> bytes:
 
 def save_checkpoint(
     directory: str | os.PathLike,
-    model: nn.Module,
+    model: nn.Module | Mapping[str, torch.Tensor],
     config: Config,
     vocab: Vocabulary,
     meta: dict[str, Any],
     training_state: dict[str, Any] | None = None,
 ) -> str:
-    """Write a checkpoint folder (a folder or URI; model weights always, training state when
-    given); returns its location. ``meta.json`` is written last."""
+    """Write a checkpoint folder (a folder or URI; model weights always: a model's, or a state
+    dict such as a moving average; training state when given); returns its location.
+    ``meta.json`` is written last."""
     d = storage.resolve(directory)
-    storage.write_bytes(storage.join(d, MODEL_FILE), _tensor_bytes(model.state_dict()))
+    weights = dict(model) if isinstance(model, Mapping) else model.state_dict()
+    storage.write_bytes(storage.join(d, MODEL_FILE), _tensor_bytes(weights))
     if training_state is not None:
         storage.write_bytes(storage.join(d, STATE_FILE), _tensor_bytes(training_state))
     storage.write_text(storage.join(d, CONFIG_FILE), json.dumps(to_dict(config), indent=1))
     vocab.save(storage.join(d, VOCAB_FILE))
     storage.write_text(storage.join(d, META_FILE), json.dumps(meta, indent=1))
     return d
+
+
+def _read_required(d: str, name: str) -> bytes:
+    """One of a checkpoint folder's own files; a missing one (or a file where the folder should
+    be: a research checkpoint) says what a checkpoint folder is."""
+    try:
+        return storage.read_bytes(storage.join(d, name))
+    except FileNotFoundError as e:
+        if storage.file_type(d) == "file":
+            raise FileNotFoundError(
+                f"{d} is a file, not a HeriCap checkpoint folder; a GRIT or HierCap research "
+                "checkpoint becomes one with `hericap import grit|hiercap --checkpoint FILE ...`"
+            ) from e
+        raise FileNotFoundError(
+            f"{d} is not a HeriCap checkpoint folder: {name} is missing "
+            f"(expected {', '.join(REQUIRED_FILES)})"
+        ) from e
+
+
+def read_config_and_vocab(location: str | os.PathLike) -> tuple[Config, Vocabulary]:
+    """A checkpoint folder's config and vocabulary (a folder or a URI), without building its
+    model.
+
+    Raises:
+        FileNotFoundError: the folder or one of its files is missing.
+    """
+    d = storage.resolve(location)
+    config = from_dict(json.loads(_read_required(d, CONFIG_FILE)))
+    vocab = Vocabulary.from_dict(json.loads(_read_required(d, VOCAB_FILE)))
+    return config, vocab
+
+
+def read_model_state(location: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A checkpoint folder's weights (tensors only: ``weights_only=True``)."""
+    data = _read_required(storage.resolve(location), MODEL_FILE)
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def read_checkpoint_files(
@@ -86,15 +127,7 @@ def read_checkpoint_files(
         FileNotFoundError: ``location`` is not a checkpoint folder.
     """
     d = storage.resolve(location)
-    files: dict[str, bytes] = {}
-    for name in REQUIRED_FILES:
-        try:
-            files[name] = storage.read_bytes(storage.join(d, name))
-        except FileNotFoundError as e:
-            raise FileNotFoundError(
-                f"{d} is not a HeriCap checkpoint folder: {name} is missing "
-                f"(expected {', '.join(REQUIRED_FILES)})"
-            ) from e
+    files = {name: _read_required(d, name) for name in REQUIRED_FILES}
     optional = (META_FILE, STATE_FILE) if with_training_state else (META_FILE,)
     for name in optional:
         with contextlib.suppress(FileNotFoundError):

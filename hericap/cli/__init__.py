@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from hericap.cli import data, model, score, serve, train, tune
+from hericap.cli import data, model, research, score, serve, train, tune
 from hericap.cli.common import EXIT_USER_ERROR
 from hericap.config.loader import ConfigError, NotEnoughResourcesError
 from hericap.log import setup_logging
@@ -22,7 +22,7 @@ __all__ = ["COMMAND_MODULES", "build_parser", "main"]
 logger = logging.getLogger(__name__)
 
 # Modules that register commands, in the order `hericap --help` lists them.
-COMMAND_MODULES = (data, train, score, model, tune, serve)
+COMMAND_MODULES = (data, train, score, model, tune, serve, research)
 
 
 def build_parser() -> argparse.ArgumentParser:

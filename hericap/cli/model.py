@@ -1,4 +1,5 @@
-"""``hericap model`` and ``plot``: what a config builds, and a run's curves."""
+"""``hericap model``, ``plot`` and ``average``: what a config builds, a run's curves, and the
+average of checkpoints."""
 
 from __future__ import annotations
 
@@ -34,8 +35,18 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_average(args: argparse.Namespace) -> int:
+    """Average compatible checkpoints into a new checkpoint folder."""
+    from hericap.checkpoint.average import average_checkpoints
+
+    out = average_checkpoints(args.checkpoints, args.out, allow_different=args.allow_different)
+    print(f"averaged {len(args.checkpoints)} checkpoints -> {out}")
+    print(f"score it: hericap eval exp.checkpoint={out}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add the ``model``, ``plot`` commands."""
+    """Add the ``model``, ``plot``, ``average`` commands."""
     overrides = overrides_help()
     mo = sub.add_parser("model", help="build the configured model and print its parameters")
     mo.add_argument("overrides", nargs="*", help=overrides)
@@ -46,3 +57,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     pl.add_argument("run_dir", help="the run folder, outputs/<exp.name>")
     pl.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png)")
     pl.set_defaults(func=cmd_plot)
+
+    av = sub.add_parser(
+        "average",
+        help="average the weights of checkpoints of one run (same config, vocabulary, weights)",
+    )
+    av.add_argument("checkpoints", nargs="+", help="checkpoint folders (at least two)")
+    av.add_argument("--out", required=True, help="the new checkpoint folder (new or empty)")
+    av.add_argument(
+        "--allow-different",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="a config key (or group) that may differ, e.g. exp.seed; repeatable",
+    )
+    av.set_defaults(func=cmd_average)

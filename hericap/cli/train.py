@@ -9,6 +9,7 @@ import time
 
 from hericap.cli.common import config_from, overrides_help
 from hericap.config.loader import ConfigError, from_dict, load_config
+from hericap.config.schema import Config
 from hericap.data import storage
 
 logger = logging.getLogger(__name__)
@@ -16,8 +17,9 @@ logger = logging.getLogger(__name__)
 
 def _train_and_test(cfg, skip_test: bool = False, compare_xe: bool = False) -> dict | None:
     """Train, then score the best checkpoint on the test split. With ``compare_xe`` and SCST
-    epochs, the best XE checkpoint is scored too (under ``report["xe"]``). The config and the
-    run's previous outputs are checked before Ray starts."""
+    epochs, the best XE checkpoint is scored too (under ``report["xe"]``). The config, the
+    CLIP set-up and the run's previous outputs are checked before Ray starts."""
+    from hericap.evaluation.clip_score import check_clip_setup
     from hericap.evaluation.coco_metrics import CocoScorer
     from hericap.runtime.batch_eval import evaluate_checkpoint
     from hericap.runtime.cluster import ray_session
@@ -28,6 +30,8 @@ def _train_and_test(cfg, skip_test: bool = False, compare_xe: bool = False) -> d
     check_config(cfg, need_weights=not cfg.exp.resume)
     if not cfg.exp.overwrite:  # overwriting deletes: only once the cluster checks passed
         claim_run(cfg)
+    if not skip_test:  # a CLIP set-up that cannot work fails now, not after training
+        check_clip_setup(cfg.evaluation.clip_checkpoint, cfg.evaluation.clip_model)
     with ray_session(cfg.exp.ray_address, cfg.exp.ray_num_cpus):
         outcome = train(cfg)
         if outcome.best_checkpoint is None:
@@ -56,13 +60,40 @@ def _train_and_test(cfg, skip_test: bool = False, compare_xe: bool = False) -> d
                 )
                 report["xe"] = {
                     k: xe[k]
-                    for k in ("metrics", "metrics_4ref", "semantic", "checkpoint", "training")
+                    for k in (
+                        "metrics",
+                        "metrics_4ref",
+                        "semantic",
+                        "diversity",
+                        "checkpoint",
+                        "training",
+                    )
                 }
         return report
 
 
+def train_config(overrides: list[str], default_preset: str = "coco") -> Config:
+    """The config of a training command line. With ``exp.checkpoint=DIR`` the run starts from
+    that checkpoint's weights: its model section and input keys are the base the other
+    overrides apply to (:mod:`hericap.checkpoint.warm_start`)."""
+    cfg = config_from(overrides, default_preset)
+    if not cfg.exp.checkpoint:
+        return cfg
+    if "," in cfg.exp.checkpoint:
+        raise ConfigError(
+            f"exp.checkpoint={cfg.exp.checkpoint}: training starts from one checkpoint; several "
+            "(an ensemble) are for `hericap eval`. To start from their mean weights, "
+            "`hericap average A B --out DIR` then exp.checkpoint=DIR"
+        )
+    from hericap.checkpoint.warm_start import warm_start_base
+
+    presets = [o for o in overrides if o.split("=", 1)[0] == "preset"]
+    base = warm_start_base(config_from(presets, default_preset), cfg.exp.checkpoint)
+    return load_config(overrides, base=base)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = config_from(args.overrides, default_preset="coco")
+    cfg = train_config(args.overrides)
     report = _train_and_test(cfg, skip_test=args.no_test)
     if report is not None:
         from hericap.evaluation.report import format_table
@@ -71,30 +102,64 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def eval_overrides(args: argparse.Namespace) -> list[str]:
+    """The command line's overrides plus what ``--per-image`` / ``--worst`` set."""
+    extra = []
+    if args.per_image:
+        extra.append("evaluation.per_image=True")
+    if args.worst is not None:
+        extra.append(f"evaluation.worst_images={args.worst}")
+    return [*args.overrides, *extra]
+
+
+def _print_eval(report: dict) -> None:
+    from hericap.evaluation.report import format_table, format_worst
+
+    print(format_table(report))
+    if report.get("worst_images"):
+        print()
+        print(format_worst(report["worst_images"]))
+    for kind, path in report.get("files", {}).items():
+        print(f"{kind}: {path}")
+
+
+def eval_config(overrides: list[str]) -> tuple[Config, list[str]]:
+    """The config of an eval command line and the checkpoint folders it scores:
+    ``exp.checkpoint=A`` or, for a log-prob-averaging ensemble, ``exp.checkpoint=A,B``. The
+    (first) checkpoint's own config is the base; the command line overrides it."""
     from hericap.checkpoint import CONFIG_FILE
-    from hericap.evaluation.report import format_table
+    from hericap.checkpoint.ensemble import split_checkpoints
+
+    pre = load_config(overrides, preset=None, validate=False) if overrides else None
+    ckpt = pre.exp.checkpoint if pre else None
+    if not ckpt:
+        raise ConfigError(
+            "eval needs exp.checkpoint=PATH (a HeriCap checkpoint folder), or "
+            "exp.checkpoint=A,B to score an ensemble of several"
+        )
+    paths = split_checkpoints(ckpt)
+    saved = []
+    for path in paths:  # folders or URIs
+        storage.check_location(path, "exp.checkpoint")
+        try:
+            saved.append(storage.read_text(storage.join(path, CONFIG_FILE)))
+        except FileNotFoundError as e:
+            raise FileNotFoundError(
+                f"{path} is not a HeriCap checkpoint folder (no {CONFIG_FILE})"
+            ) from e
+    return load_config(overrides, base=from_dict(json.loads(saved[0]))), paths
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
     from hericap.runtime.batch_eval import evaluate_checkpoint
     from hericap.runtime.cluster import ray_session
     from hericap.runtime.preflight import check_config
 
-    pre = load_config(args.overrides, preset=None, validate=False) if args.overrides else None
-    ckpt = pre.exp.checkpoint if pre else None
-    if not ckpt:
-        raise ConfigError("eval needs exp.checkpoint=PATH (a HeriCap checkpoint folder or URI)")
-    storage.check_location(ckpt, "exp.checkpoint")
-    try:
-        saved = storage.read_text(storage.join(ckpt, CONFIG_FILE))
-    except FileNotFoundError as e:
-        raise FileNotFoundError(
-            f"{ckpt} is not a HeriCap checkpoint folder (no {CONFIG_FILE})"
-        ) from e
-    # The checkpoint's own config is the base; the command line overrides it.
-    cfg = load_config(args.overrides, base=from_dict(json.loads(saved)))
-    check_config(cfg, need_weights=False)  # the checkpoint holds every weight
+    cfg, checkpoints = eval_config(eval_overrides(args))
+    check_config(cfg, need_weights=False)  # checkpoints hold every weight
     with ray_session(cfg.exp.ray_address, cfg.exp.ray_num_cpus):
-        report = evaluate_checkpoint(cfg, ckpt, cfg.split)
-    print(format_table(report))
+        report = evaluate_checkpoint(cfg, checkpoints, cfg.split)
+    _print_eval(report)
     return 0
 
 
@@ -139,6 +204,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "oracle": report["oracle"],
         "semantic": report["semantic"],
         "oracle_semantic": report["oracle_semantic"],
+        "diversity": report["diversity"],
+        "oracle_diversity": report["oracle_diversity"],
+        "clip": report["clip"],
         "checkpoint": report["checkpoint"],
         "decode": report["decode"],
         "training": report["training"],
@@ -173,8 +241,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--no-test", action="store_true", help="skip test decoding and scoring")
     tr.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="decode and score a split with exp.checkpoint=PATH")
+    ev = sub.add_parser(
+        "eval",
+        help="decode and score a split with exp.checkpoint=PATH (A,B: an ensemble)",
+        description="Decode and score a split with exp.checkpoint=PATH; exp.checkpoint=A,B "
+        "decodes several checkpoints as one log-prob-averaging ensemble. Decoding controls are "
+        "decode.* overrides (docs/decoding.md).",
+    )
     ev.add_argument("overrides", nargs="*", help=overrides)
+    ev.add_argument(
+        "--per-image",
+        action="store_true",
+        help="also write <split>_per_image.json (every metric per image) and list the worst",
+    )
+    ev.add_argument(
+        "--worst", type=int, default=None, metavar="N", help="worst images to list (default 20)"
+    )
     ev.set_defaults(func=cmd_eval)
 
     demo = sub.add_parser("demo", help="synthetic data -> Ray Train -> test scores table")

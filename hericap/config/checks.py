@@ -11,12 +11,14 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from hericap.config.flavours import check_flavour
 from hericap.config.schema import (
     AUGMENTATIONS,
     MIXED_PRECISION,
     RESIZE_MODES,
     SCST_BASELINES,
     SPLITS,
+    TRACKING_MODES,
     Config,
     DatasetConfig,
     DecodeConfig,
@@ -71,6 +73,7 @@ def check_exp(exp: ExpConfig) -> None:
     if exp.ray_num_cpus is not None and exp.ray_num_cpus < 1:
         raise ValueError(f"exp.ray_num_cpus={exp.ray_num_cpus} must be >= 1 (or null)")
     _choice("exp.mixed_precision", exp.mixed_precision, MIXED_PRECISION)
+    _choice("exp.tracking", exp.tracking, TRACKING_MODES)
     if exp.resume and exp.overwrite:
         raise ValueError(
             "exp.resume=True continues the previous run and exp.overwrite=True deletes it: "
@@ -173,7 +176,7 @@ def check_optimizer(opt: OptimizerConfig) -> None:
     _at_least("optimizer", opt, 0, "freezing_xe_epochs", "freezing_sc_epochs")
     _at_least("optimizer", opt, 0, "finetune_xe_epochs", "finetune_sc_epochs")
     _at_least("optimizer", opt, 0, "xe_lr", "xe_backbone_lr", "sc_lr", "sc_backbone_lr")
-    _at_least("optimizer", opt, 0, "weight_decay", "grad_clip")
+    _at_least("optimizer", opt, 0, "weight_decay", "grad_clip", "warmup_epochs")
     _fraction("optimizer", opt, "beta_1", "beta_2", "label_smoothing")
     _fraction("optimizer", opt, "min_lr_ratio", closed=True)
     if opt.checkpoint_num_to_keep < 1:
@@ -194,6 +197,11 @@ def check_optimizer(opt: OptimizerConfig) -> None:
             "XE model (set optimizer.freezing_xe_epochs or optimizer.finetune_xe_epochs)"
         )
     _choice("optimizer.sc_baseline", opt.sc_baseline, SCST_BASELINES)
+    if not 0.0 <= opt.ema_decay < 1.0:
+        raise ValueError(
+            f"optimizer.ema_decay={opt.ema_decay} must be in [0, 1) (0: no moving average; "
+            "typical: 0.999)"
+        )
     min_sequences = 2 if opt.sc_baseline == "leave_one_out" else 1
     if opt.sc_num_sequences < min_sequences:
         raise ValueError(
@@ -203,8 +211,22 @@ def check_optimizer(opt: OptimizerConfig) -> None:
 
 
 def check_decode(decode: DecodeConfig) -> None:
-    _at_least("decode", decode, 1, "val_beam_size", "test_beam_size", "max_len", "batch_size")
-    _at_least("decode", decode, 0, "length_penalty")
+    """Beams, lengths and every search control (:meth:`DecodeConfig.validate`)."""
+    decode.validate()
+
+
+def check_across_sections(cfg: Config) -> None:
+    """The model's flavour with the caption lengths, and the research beam search, which has
+    none of the ``decode.*`` search controls."""
+    options = check_flavour(cfg)
+    controls = cfg.decode.search_controls()
+    if options.beam_search == "research" and controls:
+        raise ValueError(
+            f"decode.{', decode.'.join(controls)}: the research beam search "
+            "(model.beam_search=research, the grit/hiercap flavours' default) reproduces the "
+            "research code and has none of these controls; set them back to their defaults "
+            "or use model.beam_search=hericap"
+        )
 
 
 def check_all(cfg: Config) -> None:
@@ -215,3 +237,5 @@ def check_all(cfg: Config) -> None:
     check_model(cfg.model)
     check_optimizer(cfg.optimizer)
     check_decode(cfg.decode)
+    cfg.evaluation.validate()
+    check_across_sections(cfg)

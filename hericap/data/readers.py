@@ -7,7 +7,8 @@ Formats:
   [{"raw", "tokens"}], "cocoid"?, "imgid"?}]}``. COCO's ``restval`` goes to train.
 * COCO caption files (``captions_*.json``): ``{"images": [{"id", "file_name"}], "annotations":
   [{"image_id", "caption"}]}``, one split, optionally limited by a split list (one image id or
-  file name per line).
+  file name per line); an image-info file (``image_info_test2014.json``, no annotations) gives
+  images without captions, for the COCO test server.
 * nocaps (``nocap_val_4500_captions.json``, ``nocap_test_image_info.json``): COCO format with a
   ``domain`` per image (in-domain, near-domain, out-domain); test has no captions.
 
@@ -141,9 +142,11 @@ def read_coco_captions(
     split: str = "val",
     split_list: str | Path | None = None,
 ) -> list[Record]:
-    """Records of a COCO caption file, all in ``split`` (or those named in ``split_list``)."""
+    """Records of a COCO caption file, all in ``split`` (or those named in ``split_list``). An
+    image-info file without annotations (``image_info_test2014.json``) gives records without
+    captions: captioned for the COCO test server, never scored."""
     body = _load_json(annotations)
-    if "images" not in body or "annotations" not in body:
+    if "images" not in body:
         raise ValueError(f"{annotations} is not a COCO caption file (needs images, annotations)")
     keep = None
     if split_list:

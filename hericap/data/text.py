@@ -4,11 +4,17 @@ Captions are tokenised exactly as the coco-caption toolkit scores them (its PTB 
 punctuation removed; :mod:`hericap.data.ptb`), so the words a model learns to emit are the words
 the metrics and the SCST reward compare.
 Special tokens follow the research code's indices: ``<unk>`` 0, ``<pad>`` 1, ``<bos>`` 2,
-``<eos>`` 3.
+``<eos>`` 3. A vocabulary is taken as it is: the research vocabulary (``data/vocab.json`` of GRIT
+and HierCap) has whitespace-only entries (``" "``, ``"\n"``...), which load, encode and decode
+like any other word.
+
+:func:`finish_caption` turns decoded words into the caption string, applying the ``decode.*``
+post-processing options (today :func:`collapse_repeats`, the research evaluation's).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -19,7 +25,7 @@ import torch
 from hericap.data import storage
 from hericap.data.ptb import ptb_tokens
 
-__all__ = ["SPECIAL_TOKENS", "Vocabulary", "tokenize"]
+__all__ = ["SPECIAL_TOKENS", "Vocabulary", "collapse_repeats", "finish_caption", "tokenize"]
 
 SPECIAL_TOKENS = ("<unk>", "<pad>", "<bos>", "<eos>")
 
@@ -27,6 +33,20 @@ SPECIAL_TOKENS = ("<unk>", "<pad>", "<bos>", "<eos>")
 def tokenize(caption: str) -> list[str]:
     """The toolkit's word tokens of a caption: PTB-tokenised, lowercased, punctuation dropped."""
     return ptb_tokens(caption)
+
+
+def collapse_repeats(words: Sequence[str]) -> list[str]:
+    """Each run of a repeated word once (``a a dog`` -> ``a dog``), as the research evaluation
+    does (``itertools.groupby`` over the decoded words) before scoring."""
+    return [word for word, _ in itertools.groupby(words)]
+
+
+def finish_caption(words: Sequence[str], collapse: bool = False) -> str:
+    """Decoded words -> the caption string, after the ``decode.*`` post-processing options
+    (``collapse``: :func:`collapse_repeats`; ``decode.collapse_repeats``)."""
+    if collapse:
+        words = collapse_repeats(words)
+    return " ".join(words)
 
 
 class Vocabulary:
@@ -75,7 +95,7 @@ class Vocabulary:
             out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         return out
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def words(self, ids: Iterable[int]) -> list[str]:
         """Words up to the first ``<eos>``; ``<bos>`` and ``<pad>`` dropped."""
         words = []
         for i in ids:
@@ -85,7 +105,12 @@ class Vocabulary:
             if i in (self.bos_idx, self.pad_idx):
                 continue
             words.append(self.itos[i])
-        return " ".join(words)
+        return words
+
+    def decode(self, ids: Iterable[int], collapse_repeats: bool = False) -> str:
+        """The caption of ``ids`` (:meth:`words` joined by spaces; see :func:`finish_caption`
+        for ``collapse_repeats``)."""
+        return finish_caption(self.words(ids), collapse=collapse_repeats)
 
     def to_dict(self) -> dict:
         return {"itos": self.itos, "min_count": self.min_count}

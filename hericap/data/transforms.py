@@ -23,6 +23,7 @@ __all__ = [
     "crop_batch",
     "load_image",
     "normalize_images",
+    "prepare_batch",
     "resize_spec",
     "resize_to_canvas",
     "to_rgb_upright",
@@ -94,6 +95,10 @@ class ResizeSpec:
       ImageNet mean onto a ``max_size`` × ``max_size`` canvas (landscape and portrait both
       fit), so a batch is one array; the real height and width travel next to it and
       :func:`crop_batch` trims the batch back to what its largest image needs.
+    * ``maxwh``: the research code's rule (GRIT/HierCap ``MaxWHResize``, its
+      ``transform_cfg.size = [384, 640]``): keep the aspect ratio and scale (up or down) by
+      ``min(max_size / width, min_size / height)``, truncating the new sides as it does, so the
+      image fits ``min_size`` high × ``max_size`` wide; the canvas is that box.
     """
 
     mode: str = "square"
@@ -110,6 +115,8 @@ class ResizeSpec:
     @property
     def canvas(self) -> tuple[int, int]:
         """``(height, width)`` of the arrays the pipeline emits."""
+        if self.mode == "maxwh":
+            return self.min_size, self.max_size
         side = self.size if self.mode == "square" else self.max_size
         return side, side
 
@@ -122,6 +129,10 @@ class ResizeSpec:
         """``(width, height)`` an image of that size is resized to."""
         if self.mode == "square":
             return self.size, self.size
+        if self.mode == "maxwh":
+            # the research expression, float for float: int() truncates (500x292 -> 640x373)
+            scale = min(self.max_size / width, self.min_size / height)
+            return max(1, int(width * scale)), max(1, int(height * scale))
         short, long = min(width, height), max(width, height)
         scale = min(self.min_size / short, self.max_size / long)
         return max(1, round(width * scale)), max(1, round(height * scale))
@@ -194,3 +205,36 @@ def normalize_images(
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+def prepare_batch(
+    images: np.ndarray,
+    heights_widths: np.ndarray | None,
+    multiple: int,
+    zero_padding: bool = False,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Padded canvases -> the model's input batch and the images' real sizes on it.
+
+    Args:
+        images: ``uint8 [B, H, W, 3]`` canvases (images top-left, padding after).
+        heights_widths: ``[B, 2]`` real sizes (None: every canvas is all image).
+        multiple: the batch is trimmed to its largest image rounded up to this
+            (``Captioner.input_multiple``: 1 pads exactly to the largest image, as the research
+            code's ``nested_tensor_from_tensor_list`` does).
+        zero_padding: set the padding to 0 after normalisation (the research code pads the
+            normalised tensors with zeros) instead of keeping the canvas's mean colour.
+        device: where the tensor goes.
+
+    Returns:
+        ``float32 [B, 3, h, w]`` and ``int64 [B, 2]`` real sizes (None when not given).
+    """
+    x = normalize_images(crop_batch(images, heights_widths, multiple), device)
+    if heights_widths is None:
+        return x, None
+    hw = torch.as_tensor(np.asarray(heights_widths), dtype=torch.long, device=x.device)
+    if zero_padding:
+        rows = torch.arange(x.shape[2], device=x.device)[None, :, None] >= hw[:, 0, None, None]
+        cols = torch.arange(x.shape[3], device=x.device)[None, None, :] >= hw[:, 1, None, None]
+        x = x.masked_fill((rows | cols)[:, None], 0.0)
+    return x, hw

@@ -22,7 +22,7 @@ from itertools import chain
 
 import numpy as np
 
-__all__ = ["CiderD", "cider_d_scores"]
+__all__ = ["CiderD", "cider_d_scores", "drop_empty_words"]
 
 _BITS = 16
 _MAX_WORDS = (1 << _BITS) - 1  # word ids are 1.._MAX_WORDS; 0 marks "no word"
@@ -96,11 +96,19 @@ class CiderD:
         return np.asarray([self._word_id(w) for w in text.split()], dtype=np.uint64)
 
     def vocab_table(self, words: Sequence[str]) -> np.ndarray:
-        """Word ids for a model vocabulary (index -> word), to score token ids directly."""
-        bad = [w for w in words if len(w.split()) != 1]
+        """Word ids for a model vocabulary (index -> word), to score token ids directly.
+
+        A whitespace-only entry (the research vocabulary has a few: ``" "``, ``"\\n"``) gets id
+        0: decoded and tokenised, it is no word at all, and callers drop it
+        (:func:`drop_empty_words`).
+
+        Raises:
+            ValueError: an entry of several words (it cannot be one token).
+        """
+        bad = [w for w in words if len(w.split()) > 1]
         if bad:
             raise ValueError(f"vocabulary entries must be single words: {bad[:5]}")
-        return np.asarray([self.word_ids(w)[0] for w in words], dtype=np.uint64)
+        return np.asarray([self.word_ids(w)[0] if w.strip() else 0 for w in words], dtype=np.uint64)
 
     def _ngrams(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every n-gram of a batch ``[B, T]`` of word ids (0-padded on the right), vectorised:
@@ -331,6 +339,13 @@ class _KeyIndex:
             pos = np.minimum(np.searchsorted(self._sorted, rest), len(self._sorted) - 1)
             out[active] = np.where(self._sorted[pos] == rest, pos, -1)
         return out
+
+
+def drop_empty_words(ids: np.ndarray) -> np.ndarray:
+    """Rows of word ids with their 0 entries moved to the end, the others in order: the words a
+    text has once empty tokens (whitespace-only vocabulary entries, padding) are gone."""
+    order = np.argsort(ids == 0, axis=1, kind="stable")
+    return np.take_along_axis(ids, order, axis=1)
 
 
 def _pad(sequences: Sequence[np.ndarray]) -> np.ndarray:

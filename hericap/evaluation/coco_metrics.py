@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ import numpy as np
 __all__ = [
     "METRIC_KEYS",
     "CocoScorer",
+    "Scores",
     "SpiceError",
     "SpiceStatus",
     "find_spice",
@@ -112,8 +113,9 @@ def _java_error(stderr: str) -> str:
 
 def _run_spice(
     status: SpiceStatus, gts: Mapping[str, list[str]], res: Mapping[str, list[str]]
-) -> float:
-    """Run SPICE with temp and cache folders in the system temp dir (not site-packages)."""
+) -> dict[str, float]:
+    """Run SPICE with temp and cache folders in the system temp dir (not site-packages);
+    returns each image's SPICE F-score (NaN where SPICE gives none, as the toolkit counts it)."""
     work = Path(tempfile.mkdtemp(prefix="hericap-spice-"))
     cache = Path(tempfile.gettempdir()) / "hericap-spice-cache"
     cache.mkdir(exist_ok=True)
@@ -141,10 +143,35 @@ def _run_spice(
             raise SpiceError(reason, proc.stderr[-SPICE_ERROR_TAIL_CHARS:])
         results = json.loads((work / "out.json").read_text())
         # As the toolkit: undefined per-image F-scores count as NaN in the mean.
-        scores = [r["scores"]["All"]["f"] for r in results]
-        return float(np.mean([np.nan if s is None else float(s) for s in scores]))
+        return {
+            str(r["image_id"]): np.nan
+            if r["scores"]["All"]["f"] is None
+            else r["scores"]["All"]["f"]
+            for r in results
+        }
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+@dataclass
+class Scores:
+    """The toolkit's scores of one caption per image: ``corpus`` (every key of
+    :data:`METRIC_KEYS`), ``per_image`` (``{image_id: {metric: value}}``, the values the toolkit
+    computes per image; its corpus BLEU and METEOR are not their means) and, when groups were
+    given, ``groups`` (``{group: corpus scores of its images alone}``)."""
+
+    corpus: dict[str, float | None]
+    per_image: dict[str, dict[str, float | None]]
+    groups: dict[str, dict[str, float | None]] = field(default_factory=dict)
+
+
+def _check_ids(references: Mapping[str, object], candidates: Mapping[str, object]) -> None:
+    if set(references) != set(candidates):
+        missing = sorted(set(references) - set(candidates))[:5]
+        extra = sorted(set(candidates) - set(references))[:5]
+        raise ValueError(f"ids differ: without candidate {missing}, without references {extra}")
+    if not candidates:
+        raise ValueError("nothing to score")
 
 
 class CocoScorer:
@@ -178,6 +205,20 @@ class CocoScorer:
             {k: [{"caption": c} for c in v] for k, v in captions.items()}
         )
 
+    def tokenize_pair(
+        self, references: Mapping[str, Sequence[str]], candidates: Mapping[str, str]
+    ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+        """References and candidates PTB-tokenised in one Java run (each line is tokenised on
+        its own, so this equals two runs and saves a JVM start). Candidates go first: an empty
+        caption on the last line would get no output line from the tokeniser."""
+        both = self.tokenize(
+            {("c", k): [v] for k, v in candidates.items()}
+            | {("r", k): list(v) for k, v in references.items()}
+        )
+        gts = {k: both[("r", k)] for k in references if ("r", k) in both}
+        res = {k: both[("c", k)] for k in candidates}
+        return gts, res
+
     def score(
         self, references: Mapping[str, Sequence[str]], candidates: Mapping[str, str]
     ) -> dict[str, float | None]:
@@ -185,27 +226,80 @@ class CocoScorer:
 
         Returns every key of :data:`METRIC_KEYS` (``SPICE`` is ``None`` when unavailable).
         """
-        if set(references) != set(candidates):
-            missing = sorted(set(references) - set(candidates))[:5]
-            extra = sorted(set(candidates) - set(references))[:5]
-            raise ValueError(f"ids differ: without candidate {missing}, without references {extra}")
-        if not candidates:
-            raise ValueError("nothing to score")
-        gts = self.tokenize(references)
-        res = self.tokenize({k: [v] for k, v in candidates.items()})
-        out: dict[str, float | None] = {}
-        bleu, _ = self._bleu.compute_score(gts, res, verbose=0)
-        out.update({f"Bleu_{i + 1}": float(b) for i, b in enumerate(bleu)})
-        out["METEOR"] = float(self._meteor.compute_score(gts, res)[0]) if self._meteor else None
-        out["ROUGE_L"] = float(self._rouge.compute_score(gts, res)[0])
-        out["CIDEr"] = float(self._cider.compute_score(gts, res)[0])
-        out["SPICE"] = self._spice(gts, res)
-        return out
+        return self.evaluate(references, candidates).corpus
 
-    def _spice(self, gts: dict[str, list[str]], res: dict[str, list[str]]) -> float | None:
-        """SPICE, or ``None`` when it is unavailable. A SPICE that fails to run does not take
-        the other metrics down: it is logged, marked unavailable with the Java error as the
-        reason (so reports say why), and not retried."""
+    def evaluate(
+        self,
+        references: Mapping[str, Sequence[str]],
+        candidates: Mapping[str, str],
+        groups: Mapping[str, str] | None = None,
+    ) -> Scores:
+        """Corpus and per-image scores; with ``groups`` (``{image_id: group}``, e.g. nocaps'
+        domains) also each group's corpus scores, computed on its images alone as the nocaps
+        evaluation does (captions are tokenised once; SPICE, an average of per-image scores, is
+        not run again).
+
+        Raises:
+            ValueError: the ids of references and candidates differ, or there are none.
+        """
+        _check_ids(references, candidates)
+        return self.evaluate_tokenized(*self.tokenize_pair(references, candidates), groups)
+
+    def evaluate_tokenized(
+        self,
+        gts: Mapping[str, list[str]],
+        res: Mapping[str, list[str]],
+        groups: Mapping[str, str] | None = None,
+    ) -> Scores:
+        """:meth:`evaluate` of captions :meth:`tokenize_pair` has tokenised already (a report
+        scores several subsets of the same captions)."""
+        _check_ids(gts, res)
+        gts, res = dict(gts), dict(res)
+        spice = self._spice(gts, res)
+        scores = self._toolkit(gts, res, spice)
+        for group in sorted(set((groups or {}).values())):
+            ids = [k for k in gts if groups[k] == group]
+            sub = self._toolkit({k: gts[k] for k in ids}, {k: res[k] for k in ids}, spice)
+            scores.groups[group] = sub.corpus
+        return scores
+
+    def _toolkit(
+        self,
+        gts: dict[str, list[str]],
+        res: dict[str, list[str]],
+        spice: dict[str, float] | None,
+    ) -> Scores:
+        """The toolkit's metrics of tokenised captions; SPICE from its per-image ``spice``."""
+        ids = list(gts)
+        per_image: dict[str, dict[str, float | None]] = {k: {} for k in ids}
+        corpus: dict[str, float | None] = {}
+        bleu, bleu_images = self._bleu.compute_score(gts, res, verbose=0)
+        for n, (value, values) in enumerate(zip(bleu, bleu_images, strict=True), start=1):
+            corpus[f"Bleu_{n}"] = float(value)
+            for k, v in zip(ids, values, strict=True):
+                per_image[k][f"Bleu_{n}"] = float(v)
+        metrics = [("ROUGE_L", self._rouge), ("CIDEr", self._cider)]
+        if self._meteor is not None:
+            metrics.insert(0, ("METEOR", self._meteor))
+        for key, metric in metrics:
+            value, values = metric.compute_score(gts, res)
+            corpus[key] = float(value)
+            for k, v in zip(ids, values, strict=True):
+                per_image[k][key] = float(v)
+        for k in ids:
+            per_image[k]["SPICE"] = None if spice is None else float(spice[k])
+        corpus["SPICE"] = None if spice is None else float(np.mean([spice[k] for k in ids]))
+        if self._meteor is None:
+            corpus["METEOR"] = None
+        return Scores(
+            {key: corpus[key] for key in METRIC_KEYS},
+            {k: {key: per_image[k].get(key) for key in METRIC_KEYS} for k in ids},
+        )
+
+    def _spice(self, gts: dict[str, list[str]], res: dict[str, list[str]]) -> dict | None:
+        """Per-image SPICE, or ``None`` when it is unavailable. A SPICE that fails to run does
+        not take the other metrics down: it is logged, marked unavailable with the Java error as
+        the reason (so reports say why), and not retried."""
         if not self.spice.available:
             return None
         try:

@@ -3,6 +3,12 @@
 Word embedding + sinusoidal positions; per layer masked self-attention (with a key/value cache
 for incremental decoding), a hierarchical fusion module over the visual memories, and an FFN
 (post-LN, as in M2 Transformer / GRIT); a final Linear + log-softmax over the vocabulary.
+
+``embedding="research"`` reproduces the research code's embeddings and padding rules: the word
+embedding unscaled plus a position table that is loaded, not computed (the research init
+overwrites its sinusoids with random values that never train), positions counted from 1 with
+<pad> tokens at row 0, no embedding dropout, an output layer without bias, <pad> tokens masked
+as self-attention keys and their outputs zeroed (so their log-probs are uniform).
 """
 
 from __future__ import annotations
@@ -21,8 +27,12 @@ from hericap.models.layers import (
     causal_mask,
     sinusoid_1d,
 )
+from hericap.models.masks import additive_key_mask
 
-__all__ = ["DecoderLayer", "HierarchicalDecoder"]
+__all__ = ["EMBEDDINGS", "DecoderLayer", "HierarchicalDecoder"]
+
+# Word/position embedding rules (``model.embedding``; see the module docstring).
+EMBEDDINGS = ("hericap", "research")
 
 Memories = dict[str, torch.Tensor]
 LayerCache = dict[str, dict[str, torch.Tensor]]
@@ -41,6 +51,7 @@ class DecoderLayer(nn.Module):
         dropout: float,
         attn_dropout: float,
         activation: str,
+        fusion_wiring: str = "hericap",
     ) -> None:
         super().__init__()
         self.self_attn = MultiHeadAttention(d_model, n_heads, attn_dropout)
@@ -52,6 +63,7 @@ class DecoderLayer(nn.Module):
             n_heads=n_heads,
             dropout=dropout,
             attn_dropout=attn_dropout,
+            wiring=fusion_wiring,
         )
         self.ffn = FeedForward(d_model, d_ff, dropout, activation)
         self.ln3 = nn.LayerNorm(d_model)
@@ -66,6 +78,7 @@ class DecoderLayer(nn.Module):
         need_weights: bool = False,
         captions_per_memory: int = 1,
         layout: RowLayout | None = None,
+        memory_masks: dict[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``x [N, T, D]``, or the packed rows of ``layout`` (see :class:`RowLayout`)."""
         if layout is None:
@@ -81,6 +94,7 @@ class DecoderLayer(nn.Module):
             cache=cache,
             need_weights=need_weights,
             layout=layout.grouped(captions_per_memory),
+            memory_masks=memory_masks,
         )
         return self.ln3(x + self.drop(self.ffn(x))), weights
 
@@ -100,6 +114,9 @@ class HierarchicalDecoder(nn.Module):
         attn_dropout: dropout on attention weights.
         activation: FFN activation.
         pad_idx: padding token (zero embedding).
+        fusion_wiring: ``hericap``, ``grit`` or ``hiercap`` (:mod:`hericap.models.fusion`).
+        embedding: ``hericap`` or ``research`` (see the module docstring).
+        position_table_size: rows of the research position table (``embedding="research"``).
     """
 
     def __init__(
@@ -115,10 +132,16 @@ class HierarchicalDecoder(nn.Module):
         attn_dropout: float = 0.1,
         activation: str = "relu",
         pad_idx: int = 1,
+        fusion_wiring: str = "hericap",
+        embedding: str = "hericap",
+        position_table_size: int = 0,
     ) -> None:
         super().__init__()
+        if embedding not in EMBEDDINGS:
+            raise ValueError(f"unknown model.embedding={embedding!r}; known: {list(EMBEDDINGS)}")
         self.d_model = d_model
         self.pad_idx = pad_idx
+        self.research = embedding == "research"
         self.embed = nn.Embedding(vocab_size, d_model, padding_idx=pad_idx)
         # std d^-1/2, so that the sqrt(d) scaling in _embed gives unit-scale inputs; nn.Embedding's
         # N(0, 1) would enter the residual stream at std sqrt(d) and drown the attention branches
@@ -126,19 +149,59 @@ class HierarchicalDecoder(nn.Module):
         nn.init.normal_(self.embed.weight, std=d_model**-0.5)
         with torch.no_grad():
             self.embed.weight[pad_idx].zero_()
+        self.positions: nn.Embedding | None = None
+        if self.research:
+            # loaded from the checkpoint and frozen, as in the research code; never recomputed
+            self.positions = nn.Embedding(position_table_size, d_model)
+            self.positions.weight.requires_grad_(False)
         self.layers = nn.ModuleList(
             DecoderLayer(
-                fusion_name, memory_names, d_model, n_heads, d_ff, dropout, attn_dropout, activation
+                fusion_name,
+                memory_names,
+                d_model,
+                n_heads,
+                d_ff,
+                dropout,
+                attn_dropout,
+                activation,
+                fusion_wiring=fusion_wiring,
             )
             for _ in range(n_layers)
         )
         self.drop = nn.Dropout(dropout)
-        self.out = nn.Linear(d_model, vocab_size)
+        self.out = nn.Linear(d_model, vocab_size, bias=not self.research)
 
-    def _embed(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+    def _embed(self, tokens: torch.Tensor, start: int, pad_at_zero: bool = False) -> torch.Tensor:
+        """Word + position embeddings of ``tokens [N, T]`` at positions ``start..``.
+
+        ``pad_at_zero`` (research teacher forcing): <pad> tokens take the position table's row 0.
+        """
         pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)
-        x = self.embed(tokens) * math.sqrt(self.d_model) + sinusoid_1d(pos, self.d_model)
-        return self.drop(x)
+        if not self.research:
+            x = self.embed(tokens) * math.sqrt(self.d_model) + sinusoid_1d(pos, self.d_model)
+            return self.drop(x)
+        pos = (pos + 1).expand_as(tokens)  # the research table counts positions from 1
+        if pad_at_zero:
+            pos = pos.masked_fill(tokens == self.pad_idx, 0)
+        if int(pos.max()) >= self.positions.num_embeddings:
+            raise ValueError(
+                f"position {int(pos.max())} is beyond the {self.positions.num_embeddings}-row "
+                "position table (model.cap_generator.position_table_size)"
+            )
+        return self.embed(tokens) + self.positions(pos)
+
+    def _research_self_mask(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Additive ``[N, 1, T, T]``: causal, and <pad> tokens masked as keys (research)."""
+        t = tokens.shape[1]
+        future = torch.ones(t, t, dtype=torch.bool, device=tokens.device).triu(1)
+        blocked = future[None] | (tokens == self.pad_idx)[:, None, :]
+        out = torch.zeros(blocked.shape, device=tokens.device)
+        return out.masked_fill(blocked, float("-inf"))[:, None]
+
+    def _logits(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        if self.research:  # the research code zeroes <pad> rows: uniform log-probs there
+            x = x * (tokens != self.pad_idx).unsqueeze(-1).to(x.dtype)
+        return F.log_softmax(self.out(x), dim=-1)
 
     def forward(
         self,
@@ -146,11 +209,13 @@ class HierarchicalDecoder(nn.Module):
         memories: Memories,
         need_weights: bool = False,
         captions_per_memory: int = 1,
+        memory_masks: dict[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
         """Teacher-forced pass: ``tokens [N, T]`` -> log-probs ``[N, T, V]``.
 
         ``captions_per_memory``: ``tokens`` holds that many consecutive captions per memory row
-        (``N = B * captions_per_memory``); the memories are not repeated.
+        (``N = B * captions_per_memory``); the memories are not repeated. ``memory_masks``:
+        ``{name: [B, tokens]}`` padding of the memories (True = padding).
 
         Returns the log-probs and, with ``need_weights``, per layer the cross-attention weights
         ``[N, T, memory tokens]`` keyed by memory group.
@@ -165,11 +230,15 @@ class HierarchicalDecoder(nn.Module):
             raise ValueError(
                 f"{tokens.shape[0]} captions for {rows} memory rows x {captions_per_memory}"
             )
-        layout = None if need_weights else RowLayout.packing_padding(tokens, self.pad_idx)
-        x = self._embed(tokens, 0)
+        packed = not (need_weights or self.research)
+        layout = RowLayout.packing_padding(tokens, self.pad_idx) if packed else None
+        x = self._embed(tokens, 0, pad_at_zero=True)
         if layout is not None:
             x = layout.pack(x)
-        mask = causal_mask(tokens.shape[1], device=tokens.device)
+        if self.research:
+            mask = self._research_self_mask(tokens)
+        else:
+            mask = causal_mask(tokens.shape[1], device=tokens.device)
         all_weights = []
         for layer in self.layers:
             x, w = layer(
@@ -179,12 +248,12 @@ class HierarchicalDecoder(nn.Module):
                 need_weights=need_weights,
                 captions_per_memory=captions_per_memory,
                 layout=layout,
+                memory_masks=memory_masks,
             )
             all_weights.append(w)
-        log_probs = F.log_softmax(self.out(x), dim=-1)
         if layout is not None:
-            log_probs = layout.unpack(log_probs)
-        return log_probs, all_weights
+            return layout.unpack(F.log_softmax(self.out(x), dim=-1)), all_weights
+        return self._logits(x, tokens), all_weights
 
     def init_cache(self) -> list[LayerCache]:
         return [{} for _ in self.layers]
@@ -197,6 +266,7 @@ class HierarchicalDecoder(nn.Module):
         position: int,
         need_weights: bool = False,
         captions_per_memory: int = 1,
+        memory_masks: dict[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
         """One incremental step: ``tokens [N]`` at ``position`` -> log-probs ``[N, V]``.
 
@@ -205,18 +275,26 @@ class HierarchicalDecoder(nn.Module):
         not repeated, so their keys/values are projected and attended once per image.
         """
         x = self._embed(tokens[:, None], position)
+        self_mask = None
+        if self.research:  # <pad> words chosen earlier stay masked as keys (research)
+            # kept beside layer 0's self-attention keys, so reorder_cache reorders them too
+            pad = cache[0].setdefault("self", {})
+            flags = (tokens == self.pad_idx)[:, None]
+            pad["pad"] = torch.cat([pad["pad"], flags], dim=1) if "pad" in pad else flags
+            self_mask = additive_key_mask(pad["pad"])
         all_weights = []
         for layer, layer_cache in zip(self.layers, cache, strict=True):
             x, w = layer(
                 x,
                 memories,
-                None,
+                self_mask,
                 cache=layer_cache,
                 need_weights=need_weights,
                 captions_per_memory=captions_per_memory,
+                memory_masks=memory_masks,
             )
             all_weights.append(w)
-        return F.log_softmax(self.out(x[:, 0]), dim=-1), all_weights
+        return self._logits(x[:, 0], tokens), all_weights
 
     @staticmethod
     def reorder_cache(cache: list[LayerCache], index: torch.Tensor) -> None:
@@ -225,5 +303,5 @@ class HierarchicalDecoder(nn.Module):
         for layer_cache in cache:
             sub = layer_cache.get("self")
             if sub:
-                for k in ("k", "v"):
+                for k in sub:
                     sub[k] = sub[k].index_select(0, index)

@@ -1,7 +1,8 @@
 """The visual side: Swin extractor (timm) and the grid sub-encoder.
 
 Extractor: a timm Swin Transformer with ``features_only`` (Liu et al., ICCV 2021), random init or
-weights from a local file; never downloaded. One extra stride-2 patch-merging stage after the last
+pretrained weights from a local or ``s3://`` file (:mod:`hericap.models.backbone_weights`); never
+downloaded. One extra stride-2 patch-merging stage after the last
 Swin stage (GRIT's layout) makes the coarsest map stride 64: a 384×640 image gives 6×10 tokens.
 Inputs of any size divisible by the patch size work, square or not (timm's dynamic image size).
 
@@ -14,16 +15,19 @@ et al., ECCV 2022) and HierCap (Pan et al., 2026), or by dynamic routing layers
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+from functools import partial
 
 import timm
 import torch
+from timm.layers import PatchEmbed
 from timm.models.swin_transformer import PatchMerging
 from torch import nn
 
+from hericap.models.backbone_weights import BackboneLoadReport, load_backbone_weights
 from hericap.models.layers import FeedForward, MultiHeadAttention, sinusoid_2d
+from hericap.models.masks import additive_key_mask
 from hericap.models.routing import RoutingLayer
-from hericap.models.weights import load_state_dict_strict
+from hericap.models.swin_windows import use_research_windows
 
 __all__ = [
     "GRID_LAYER_TYPES",
@@ -90,6 +94,8 @@ class ConvStem(nn.Module):
 
 # Patch embeddings selectable by ``model.extractor.stem``; None keeps timm's own.
 STEMS: dict[str, type[nn.Module] | None] = {"patch": None, "conv": ConvStem}
+# Window and frozen-stage rules of the extractor (hericap/config/flavours.py).
+SWIN_RULES = ("timm", "research")
 
 
 class SwinExtractor(nn.Module):
@@ -97,7 +103,8 @@ class SwinExtractor(nn.Module):
 
     Args:
         image_size: input size the model is built for (side, or ``(height, width)``); other
-            sizes divisible by ``patch_size`` work too.
+            sizes divisible by ``patch_size`` work too (any size with ``window_rule="research"``,
+            which pads the image to whole patches as the research code does).
         patch_size: patch embedding stride.
         embed_dim: channels of the first stage (doubled per stage).
         depths: blocks per stage.
@@ -105,12 +112,17 @@ class SwinExtractor(nn.Module):
         window_size: attention window (must divide each stage's map).
         extra_stage_dim: channels of one extra stride-2 patch-merging stage after the last Swin
             stage (GRIT: 1024 for Swin-B); 0 or None: no extra stage.
-        frozen_stages: freeze the patch embedding and stages ``0..frozen_stages - 1``
-            (-1: nothing frozen).
-        drop_path_rate: stochastic depth.
+        frozen_stages: how many stages to freeze (-1: nothing), counted by
+            ``frozen_stages_rule``.
+        frozen_stages_rule: ``timm``: the patch embedding and timm stages
+            ``0..frozen_stages - 1``; ``research``: the research count, i.e. the patch embedding
+            (``frozen_stages >= 0``) and stages ``0..frozen_stages - 2`` with the patch merging
+            that ends each of them.
+        drop_path_rate: stochastic depth, linear over the blocks.
         stem: patch embedding: ``patch`` (timm's linear patch projection) or ``conv``
             (:class:`ConvStem`).
-        checkpoint: local file with backbone weights (a state dict, optionally under ``model``).
+        window_rule: ``timm`` or ``research`` (:mod:`hericap.models.swin_windows`).
+        checkpoint: pretrained backbone weights (:mod:`hericap.models.backbone_weights`).
     """
 
     def __init__(
@@ -123,14 +135,27 @@ class SwinExtractor(nn.Module):
         window_size: int = 7,
         extra_stage_dim: int | None = None,
         frozen_stages: int = -1,
+        frozen_stages_rule: str = "timm",
         drop_path_rate: float = 0.0,
         stem: str = "patch",
+        window_rule: str = "timm",
         checkpoint: str | None = None,
     ) -> None:
         super().__init__()
         if stem not in STEMS:
             raise ValueError(f"unknown model.extractor.stem={stem!r}; known: {sorted(STEMS)}")
-        stem_kwargs = {"embed_layer": STEMS[stem]} if STEMS[stem] is not None else {}
+        for name, value in (
+            ("window_rule", window_rule),
+            ("frozen_stages_rule", frozen_stages_rule),
+        ):
+            if value not in SWIN_RULES:
+                raise ValueError(f"unknown {name}={value!r}; known: {list(SWIN_RULES)}")
+        research = window_rule == "research"
+        stem_kwargs = {}
+        if STEMS[stem] is not None:
+            stem_kwargs["embed_layer"] = STEMS[stem]
+        elif research:  # pad the image to whole patches (the research PatchEmbed does)
+            stem_kwargs["embed_layer"] = partial(PatchEmbed, dynamic_img_pad=True)
         self.body = timm.create_model(
             "swin_tiny_patch4_window7_224",  # architecture family; every size is set below
             pretrained=False,
@@ -144,8 +169,11 @@ class SwinExtractor(nn.Module):
             window_size=window_size,
             drop_path_rate=drop_path_rate,
             dynamic_img_size=True,
+            always_partition=research,
             **stem_kwargs,
         )
+        if research:
+            use_research_windows(self.body)
         self.channels: list[int] = self.body.feature_info.channels()
         self.reductions: list[int] = self.body.feature_info.reduction()
         last_dim = embed_dim * 2 ** (len(depths) - 1)
@@ -155,31 +183,38 @@ class SwinExtractor(nn.Module):
             self.extra = PatchMerging(dim=last_dim, out_dim=extra_stage_dim)
             self.channels.append(extra_stage_dim)
             self.reductions.append(self.reductions[-1] * 2)
+        self.num_stages = len(depths)
+        self.load_report: BackboneLoadReport | None = None
         if checkpoint:
-            self.load_backbone(checkpoint)
-        self.frozen_stages = frozen_stages
+            self.load_report = load_backbone_weights(self, checkpoint)
+        self.frozen_stages, self.frozen_stages_rule = frozen_stages, frozen_stages_rule
         self._freeze()
 
-    def load_backbone(self, path: str) -> None:
-        """Load timm-layout backbone weights strictly; a mismatch lists the keys."""
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"model.extractor.checkpoint not found: {p}")
-        state = torch.load(p, map_location="cpu", weights_only=True)
-        state = state.get("model", state)
-        load_state_dict_strict(self.body, state, what=f"backbone checkpoint {p}")
-        logger.info("loaded backbone weights from %s", p)
+    def load_backbone(self, path: str) -> BackboneLoadReport:
+        """Load pretrained backbone weights (any supported layout); see
+        :func:`~hericap.models.backbone_weights.load_backbone_weights`."""
+        self.load_report = load_backbone_weights(self, path)
+        return self.load_report
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        stages = dict(self.body.named_children())
+        if self.frozen_stages < 0:
+            return []
+        modules: list[nn.Module] = [stages["patch_embed"]]
+        if self.frozen_stages_rule == "timm":
+            return modules + [stages[f"layers_{i}"] for i in range(self.frozen_stages)]
+        # research: stages 0..frozen_stages - 2, each with the merging that ends it (timm keeps
+        # that merging at the start of the next stage; the last one is our extra stage)
+        for i in range(min(self.frozen_stages - 1, self.num_stages)):
+            modules.append(stages[f"layers_{i}"].blocks)
+            if i + 1 < self.num_stages:
+                modules.append(stages[f"layers_{i + 1}"].downsample)
+            elif self.extra is not None:
+                modules.append(self.extra)
+        return modules
 
     def _freeze(self) -> None:
-        if self.frozen_stages < 0:
-            return
-        modules = [m for n, m in self.body.named_children() if n == "patch_embed"]
-        modules += [
-            m
-            for n, m in self.body.named_children()
-            if n.startswith("layers_") and int(n.split("_")[1]) < self.frozen_stages
-        ]
-        for m in modules:
+        for m in self._frozen_modules():
             m.eval()
             for p in m.parameters():
                 p.requires_grad_(False)
@@ -216,26 +251,30 @@ class EncoderLayer(nn.Module):
         self.ln2 = nn.LayerNorm(d_model)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, _ = self.attn(x, x, x)
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [B, N, D]``; ``attn_mask``: additive, e.g. ``[B, 1, 1, N]`` over padded keys."""
+        a, _ = self.attn(x, x, x, attn_mask=attn_mask)
         x = self.ln1(x + self.drop(a))
         return self.ln2(x + self.drop(self.ffn(x)))
 
 
 class VisualProjection(nn.Sequential):
-    """``Linear -> ReLU -> Dropout -> LayerNorm`` from the map's channels to ``d_model``, plus 2-D
-    sinusoidal positions: how the grid and global sub-encoders read the coarsest map."""
+    """``Linear -> ReLU -> Dropout -> LayerNorm`` from the map's channels to ``d_model``, plus
+    (``positions``) 2-D sinusoidal positions: how the grid and global sub-encoders read the
+    coarsest map. The research code adds no positions."""
 
-    def __init__(self, in_dim: int, d_model: int, dropout: float) -> None:
+    def __init__(self, in_dim: int, d_model: int, dropout: float, positions: bool = True) -> None:
         super().__init__(
             nn.Linear(in_dim, d_model), nn.ReLU(), nn.Dropout(dropout), nn.LayerNorm(d_model)
         )
-        self.d_model = d_model
+        self.d_model, self.positions = d_model, positions
 
     def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
         """``[B, h, w, C]`` -> ``[B, h*w, d_model]``."""
         b, h, w, c = feature_map.shape
         x = super().forward(feature_map.reshape(b, h * w, c))
+        if not self.positions:
+            return x
         return x + sinusoid_2d(h, w, self.d_model, device=x.device).to(x.dtype)
 
 
@@ -256,6 +295,7 @@ class GridEncoder(nn.Module):
         attn_dropout: dropout on attention weights.
         layer_type: ``transformer`` (self-attention + FFN) or ``routing`` (DTNet-style dynamic
             routing cells, :class:`~hericap.models.routing.RoutingLayer`).
+        positions: add 2-D sinusoidal positions to the tokens (the research code does not).
     """
 
     def __init__(
@@ -268,13 +308,14 @@ class GridEncoder(nn.Module):
         dropout: float = 0.1,
         attn_dropout: float = 0.1,
         layer_type: str = "transformer",
+        positions: bool = True,
     ) -> None:
         super().__init__()
         if layer_type not in GRID_LAYER_TYPES:
             raise ValueError(
                 f"unknown model.grid_layer_type={layer_type!r}; known: {list(GRID_LAYER_TYPES)}"
             )
-        self.proj = VisualProjection(in_dim, d_model, dropout)
+        self.proj = VisualProjection(in_dim, d_model, dropout, positions=positions)
         self.layer_type = layer_type
         if layer_type == "routing":
             self.layers = nn.ModuleList(
@@ -287,18 +328,25 @@ class GridEncoder(nn.Module):
         self.d_model = d_model
 
     def forward(
-        self, feature_map: torch.Tensor
+        self, feature_map: torch.Tensor, padding: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
         """``[B, h, w, C]`` -> ``[B, h*w, d_model]`` grid tokens, and per routing layer its
         per-image routing weights ``{"spatial": [B, 3], "channel": [B, 2]}`` (empty for
-        transformer layers)."""
+        transformer layers).
+
+        ``padding [B, h*w]`` (True = padding) keeps padded tokens out of the self-attention
+        keys (transformer layers).
+        """
         _, h, w, _ = feature_map.shape
         x = self.proj(feature_map)
+        if padding is not None and self.layer_type == "routing":
+            raise ValueError("routing grid layers take no padding mask (encode per image size)")
+        mask = additive_key_mask(padding)
         routing = []
         for layer in self.layers:
             if self.layer_type == "routing":
                 x, weights = layer(x, h, w)
                 routing.append(weights)
             else:
-                x = layer(x)
+                x = layer(x, attn_mask=mask)
         return x, routing

@@ -15,15 +15,16 @@ The file holds ``{"model": state_dict}`` with GRIT's detector layout:
 Keys that GRIT saves but never uses in its forward pass are dropped by name, and always logged:
 the merging layers' ``expansion``/``norm2`` (a detection-token path GRIT marks "not implemented"),
 the backbone's ``norm1..3`` output norms ("not used"), ``det_module.level_embed`` (created, never
-added) and ``relative_position_index`` buffers (derived; timm rebuilds them). Everything else must
-match: a missing, unexpected or mis-shaped key is an error listing them, unless partial loading
-is allowed, in which case what matched is loaded and the rest is logged.
+added) and ``relative_position_index`` buffers (derived; timm rebuilds them); the rules are those
+of the research importer (:mod:`hericap.models.research_keys`). Everything else must match: a
+missing, unexpected or mis-shaped key is an error listing them, unless partial loading is
+allowed, in which case what matched is loaded and the rest is logged. The file is read with
+weights_only and an allow-list (its pickled ``args`` config), never by unpickling code.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,23 +32,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hericap.models.research_keys import map_research_keys
+from hericap.models.safe_load import read_weights
 from hericap.models.weights import StateDiff, diff_state
 
 __all__ = ["DetectorLoadReport", "load_detector_checkpoint", "map_grit_detector_keys"]
 
 logger = logging.getLogger(__name__)
-
-_UNUSED = [
-    (
-        re.compile(r"^backbone\.layers\.\d+\.downsample\.(expansion|norm2)\."),
-        "GRIT's unused detection-token expansion in the patch merging",
-    ),
-    (re.compile(r"^backbone\.norm\d+\."), "GRIT's unused backbone output norms"),
-    (re.compile(r"^det_module\.level_embed$"), "GRIT creates level_embed but never uses it"),
-    (re.compile(r"relative_position_index$"), "derived buffer, rebuilt by timm"),
-]
-_BLOCKS = re.compile(r"^backbone\.layers\.(\d+)\.blocks\.(.*)$")
-_MERGE = re.compile(r"^backbone\.layers\.(\d+)\.downsample\.((?:norm|reduction)\..*)$")
 
 
 def map_grit_detector_keys(
@@ -58,31 +49,16 @@ def map_grit_detector_keys(
     Returns the renamed state (keys it does not know keep their name, so they surface as
     unexpected) and the dropped unused keys with the reason for each.
     """
-    mapped: dict[str, torch.Tensor] = {}
-    dropped: dict[str, str] = {}
-    for key, value in state.items():
-        reason = next((why for pattern, why in _UNUSED if pattern.search(key)), None)
-        if reason:
-            dropped[key] = reason
-            continue
-        if key.startswith("backbone.patch_embed."):
-            new = "extractor.body." + key.removeprefix("backbone.")
-        elif m := _BLOCKS.match(key):
-            new = f"extractor.body.layers_{m[1]}.blocks.{m[2]}"
-        elif m := _MERGE.match(key):
-            stage = int(m[1])
-            if stage < num_stages - 1:
-                new = f"extractor.body.layers_{stage + 1}.downsample.{m[2]}"
-            else:
-                new = f"extractor.extra.{m[2]}"
+    mapping = map_research_keys(state, "grit", "Parallel", num_stages)
+    mapped = {target: state[source] for source, target in mapping.mapped.items()}
+    for key in mapping.unknown:  # named where they would go, so the diff lists them there
+        if key.startswith("det_module."):
+            mapped["region_encoder." + key.removeprefix("det_module.")] = state[key]
         elif key.startswith("input_proj."):
-            new = "region_encoder." + key
-        elif key.startswith("det_module."):
-            new = "region_encoder." + key.removeprefix("det_module.")
+            mapped["region_encoder." + key] = state[key]
         else:
-            new = key
-        mapped[new] = value
-    return mapped, dropped
+            mapped[key] = state[key]
+    return mapped, mapping.dropped
 
 
 @dataclass
@@ -113,7 +89,7 @@ def load_detector_checkpoint(
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"model.detector.checkpoint not found: {p}")
-    raw = torch.load(p, map_location="cpu", weights_only=True)
+    raw = read_weights(p)
     state = raw.get("model", raw) if isinstance(raw, dict) else raw
     mapped, dropped = map_grit_detector_keys(state, num_stages)
     branches = {"extractor": model.extractor}

@@ -7,6 +7,10 @@ and their boxes (``cx, cy, w, h`` in [0, 1] of the image).
 
 The deformable attention is pure PyTorch (``grid_sample``): nothing to compile, runs on CPU and GPU.
 
+With padding masks (one per level, True = padding) the encoder does what Deformable DETR and the
+research code do: padded cells give zero values, and the reference points are scaled per level
+by the fraction of the map that is image (``valid_ratios``), so boxes stay relative to the image.
+
 Module and parameter names follow GRIT's detector (``input_proj``, ``decoder_layers.N.cross_attn
 .sampling_offsets``, ``query_embed``, ``class_embed``, ``bbox_embed``...), so that its released
 ``region_ckpt.pth`` maps onto this module key for key (:mod:`hericap.models.grit_checkpoint`).
@@ -26,6 +30,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from hericap.models.masks import valid_ratios as level_valid_ratios
 
 __all__ = [
     "DeformableDecoderLayer",
@@ -116,11 +122,18 @@ class MultiScaleDeformableAttention(nn.Module):
         reference_points: torch.Tensor,
         value: torch.Tensor,
         spatial_shapes: list[tuple[int, int]],
+        value_padding: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``query [B, Q, D]``, ``reference_points [B, Q, 2]`` (centres) or ``[B, Q, 4]`` (boxes),
-        ``value [B, S, D]`` -> ``[B, Q, D]``."""
+        or per level ``[B, Q, levels, 2|4]``, ``value [B, S, D]`` -> ``[B, Q, D]``.
+
+        ``value_padding [B, S]`` (True = padding) zeroes the padded cells' values.
+        """
         b, q, _ = query.shape
-        v = self.value_proj(value).view(b, value.shape[1], self.n_heads, -1)
+        v = self.value_proj(value)
+        if value_padding is not None:
+            v = v.masked_fill(value_padding[..., None], 0.0)
+        v = v.view(b, value.shape[1], self.n_heads, -1)
         offsets = self.sampling_offsets(query).view(
             b, q, self.n_heads, self.n_levels, self.n_points, 2
         )
@@ -128,18 +141,20 @@ class MultiScaleDeformableAttention(nn.Module):
             b, q, self.n_heads, self.n_levels * self.n_points
         )
         weights = weights.softmax(-1).view(b, q, self.n_heads, self.n_levels, self.n_points)
+        # [B, Q, 1 (heads), levels or 1, 1 (points), 2|4]
+        if reference_points.dim() == 4:
+            ref = reference_points[:, :, None, :, None, :]
+        else:
+            ref = reference_points[:, :, None, None, None, :]
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level
             size = torch.tensor(
                 [[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device
             )
-            ref = reference_points[:, :, None, None, None, :]
             locations = ref + offsets / size[None, None, None, :, None, :]
         elif reference_points.shape[-1] == 4:
             # offsets are in fractions of half the box, spread over the points
-            centre = reference_points[:, :, None, None, None, :2]
-            half = reference_points[:, :, None, None, None, 2:] * 0.5
-            locations = centre + offsets / self.n_points * half
+            locations = ref[..., :2] + offsets / self.n_points * ref[..., 2:] * 0.5
         else:
             raise ValueError(f"reference points of size {reference_points.shape[-1]}; want 2 or 4")
         return self.output_proj(ms_deform_attn(v, spatial_shapes, locations, weights))
@@ -179,11 +194,22 @@ class DeformableDecoderLayer(nn.Module):
         reference_points: torch.Tensor,
         src: torch.Tensor,
         spatial_shapes: list[tuple[int, int]],
+        valid_ratios: torch.Tensor | None = None,
+        src_padding: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``valid_ratios [B, levels, 2]`` and ``src_padding [B, S]`` come with padded maps."""
+        if valid_ratios is not None:
+            # the reference boxes (image-relative) in each level's padded coordinates
+            scale = (
+                valid_ratios if reference_points.shape[-1] == 2 else valid_ratios.repeat(1, 1, 2)
+            )
+            reference_points = reference_points[:, :, None] * scale[:, None]
         q = tgt + query_pos
         a = self.self_attn(q, q, tgt, need_weights=False)[0]
         tgt = self.norm2(tgt + self.drop(a))
-        a = self.cross_attn(tgt + query_pos, reference_points, src, spatial_shapes)
+        a = self.cross_attn(
+            tgt + query_pos, reference_points, src, spatial_shapes, value_padding=src_padding
+        )
         tgt = self.norm1(tgt + self.drop(a))
         ffn = self.linear2(self.drop(self.activation(self.linear1(tgt))))
         return self.norm3(tgt + self.drop(ffn))
@@ -224,11 +250,15 @@ def _refine(head: BoxHead, tgt: torch.Tensor, reference: torch.Tensor) -> torch.
 @dataclass
 class RegionOutput:
     """``features [B, Q, D]``, ``boxes [B, Q, 4]`` (cx, cy, w, h in [0, 1]) and, when asked for,
-    ``class_logits [B, Q, classes]``."""
+    ``class_logits [B, Q, classes]`` and the per-layer ``hidden_states [layers + 1, B, Q, D]``
+    (index 0: the query targets) and ``references [layers + 1, B, Q, 2|4]`` (index 0: the
+    initial ones)."""
 
     features: torch.Tensor
     boxes: torch.Tensor
     class_logits: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+    references: torch.Tensor | None = None
 
 
 class RegionEncoder(nn.Module):
@@ -303,8 +333,17 @@ class RegionEncoder(nn.Module):
             modules.append(self.reference_points)
         return [p for m in modules for p in m.parameters()]
 
-    def forward(self, maps: list[torch.Tensor], return_logits: bool = False) -> RegionOutput:
-        """``maps``: the extractor's NHWC maps, finest first; the last ``n_levels`` are read."""
+    def forward(
+        self,
+        maps: list[torch.Tensor],
+        masks: list[torch.Tensor] | None = None,
+        return_logits: bool = False,
+        return_intermediate: bool = False,
+    ) -> RegionOutput:
+        """``maps``: the extractor's NHWC maps, finest first; the last ``n_levels`` are read.
+
+        ``masks``: the padding mask ``[B, h, w]`` of each of those maps (None: no padding).
+        """
         if len(maps) < self.n_levels:
             raise ValueError(f"{len(maps)} feature maps for n_levels={self.n_levels}")
         maps = maps[-self.n_levels :]
@@ -314,6 +353,11 @@ class RegionEncoder(nn.Module):
             shapes.append((s.shape[2], s.shape[3]))
             srcs.append(s.flatten(2).transpose(1, 2))
         src = torch.cat(srcs, dim=1)
+        padding = ratios = None
+        if masks is not None:
+            masks = masks[-self.n_levels :]
+            padding = torch.cat([m.flatten(1) for m in masks], dim=1)
+            ratios = torch.stack([level_valid_ratios(m) for m in masks], dim=1)
         b = src.shape[0]
         query_pos, tgt = self.query_embed.weight.split(self.d_model, dim=1)
         query_pos = query_pos.unsqueeze(0).expand(b, -1, -1)
@@ -321,10 +365,17 @@ class RegionEncoder(nn.Module):
         reference = self.reference_points(query_pos).sigmoid()
         if self.with_box_refine:
             reference = _refine(self.bbox_embed[0], tgt, reference)
+        hidden, references = [tgt], [reference]
         for i, layer in enumerate(self.decoder_layers):
-            tgt = layer(tgt, query_pos, reference, src, shapes)
+            tgt = layer(tgt, query_pos, reference, src, shapes, ratios, padding)
             if self.with_box_refine:
                 reference = _refine(self.bbox_embed[i + 1], tgt, reference)
+            hidden.append(tgt)
+            references.append(reference)
         boxes = reference if self.with_box_refine else _refine(self.bbox_embed[0], tgt, reference)
-        logits = self.class_embed[-1](tgt) if return_logits else None
-        return RegionOutput(features=tgt, boxes=boxes, class_logits=logits)
+        out = RegionOutput(features=tgt, boxes=boxes)
+        if return_logits:
+            out.class_logits = self.class_embed[-1](tgt)
+        if return_intermediate:
+            out.hidden_states, out.references = torch.stack(hidden), torch.stack(references)
+        return out

@@ -29,8 +29,9 @@ logger = logging.getLogger(__name__)
 def init_ray(
     address: str | None = None, num_cpus: int | None = None, dashboard: bool = True
 ) -> bool:
-    """Join ``address`` (or ``$RAY_ADDRESS``, set for ``ray job submit`` drivers) or start a
-    local cluster; a no-op when Ray is already initialised.
+    """Join ``address`` (or ``$RAY_ADDRESS``, set for ``ray job submit`` drivers; ``auto``: the
+    cluster ``ray start`` began on this machine) or start a local cluster of this process's
+    own, even when another one runs on the machine; a no-op when Ray is already initialised.
 
     The dashboard stays on (bound to 127.0.0.1): Ray Train's placement-group cleaner and Tune's
     trial clean-up query its state API, and without it they spin on warnings.
@@ -46,6 +47,8 @@ def init_ray(
         {"address": address}
         if address
         else {
+            # a cluster of our own: never an unrelated one that `ray start` left running
+            "address": "local",
             "num_cpus": num_cpus,
             "include_dashboard": dashboard,
             "dashboard_host": "127.0.0.1",

@@ -3,7 +3,15 @@
 * ``POST /caption``: the image as the raw body (an image content type) or as multipart field
   ``image``; returns the caption, the top-n beams with their log-probabilities, the model id
   and timings. Bad input gets a 4xx JSON ``{"error": reason}``; nothing is fetched from URLs.
-* ``GET /healthz``: the model id, the device it runs on and the batching settings.
+* ``POST /explain``: the same upload (the same refusals), and optionally ``?caption=`` (else the
+  model's own, decoded through the batch); returns per-word attention maps as JSON (the
+  ``hericap caption --explain`` view, drawn by the page). It runs outside the batch, one at a
+  time per replica, off the event loop.
+* ``GET /``: the web page (``static/index.html``, self-contained: no external scripts, styles or
+  fonts): pick or drop an image, see the caption, the beams, the heatmaps, the model and timings.
+* ``GET /healthz``: the model id, the device it runs on, the batching settings, the decoding
+  settings (beam size, every ``decode.*`` control: the checkpoint's unless the application's
+  arguments set them) and the upload limits.
 * ``/docs``: OpenAPI (FastAPI's).
 
 Requests are batched by ``@serve.batch``; ``max_ongoing_requests`` is set above the batch size
@@ -23,20 +31,31 @@ load is light.
 # No `from __future__ import annotations` here: FastAPI resolves the endpoint signatures of a
 # Serve ingress class at run time, and string annotations (Request) break that.
 import asyncio
+import functools
+import importlib.resources
 import logging
 import time
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 from ray import serve
 from ray.serve import Application
 
-from hericap.serve.images import ImageLimits, UploadRejectedError, check_content_type, open_upload
-from hericap.serve.service import CaptionService
+from hericap.checkpoint.folder import read_config_and_vocab
+from hericap.config.flavours import resolve_options
+from hericap.models.decoding import check_search_controls
+from hericap.serve.images import (
+    IMAGE_CONTENT_TYPES,
+    ImageLimits,
+    UploadRejectedError,
+    check_content_type,
+    open_upload,
+)
+from hericap.serve.service import CaptionService, service_controls
 
-__all__ = ["DEFAULTS", "build_app", "serve_config"]
+__all__ = ["DECODE_ARGS", "DEFAULTS", "build_app", "serve_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +75,40 @@ DEFAULTS: dict[str, Any] = {
     "max_bytes": ImageLimits.max_bytes,
     "max_pixels": ImageLimits.max_pixels,
     "max_side": ImageLimits.max_side,
+    # decoding controls (docs/decoding.md); None: the checkpoint's decode.* value
+    "alpha": None,
+    "length_penalty": None,
+    "no_repeat_ngram_size": None,
+    "min_len": None,
+    "beam_groups": None,
+    "diversity_strength": None,
+    "collapse_repeats": None,
+}
+# build_app's arguments that are decoding controls, and the type each one's value takes
+# (`serve run ... alpha=0.9` passes strings)
+DECODE_ARGS: dict[str, type] = {
+    "alpha": float,
+    "length_penalty": float,
+    "no_repeat_ngram_size": int,
+    "min_len": int,
+    "beam_groups": int,
+    "diversity_strength": float,
 }
 
 api = FastAPI(
     title="HeriCap captioning",
     description="POST an image, get captions (hierarchical encoder-decoder, beam search).",
 )
+
+
+# longest ?caption= that /explain reads (max_len words never need more)
+MAX_CAPTION_CHARS = 1000
+
+
+@functools.cache
+def page_html() -> str:
+    """The web page served at ``GET /`` (package data ``hericap/serve/static/index.html``)."""
+    return (importlib.resources.files("hericap.serve") / "static" / "index.html").read_text()
 
 
 def _error(status: int, reason: str) -> JSONResponse:
@@ -95,13 +142,17 @@ class CaptionDeployment:
         batch_wait_timeout_s: float,
         torch_threads: int,
         limits: ImageLimits,
+        decode: dict[str, Any] | None = None,
+        collapse_repeats: bool | None = None,
     ) -> None:
         self.service = CaptionService(
             checkpoint, beam_size=beam_size, n_best=n_best, max_len=max_len,
-            torch_threads=torch_threads,
+            torch_threads=torch_threads, decode=decode or {}, collapse_repeats=collapse_repeats,
         )  # fmt: skip
         self.limits = limits
         self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
+        # explanations skip the batch; one at a time keeps them from crowding batches off the CPU
+        self._explaining = asyncio.Semaphore(1)
         self._batched.set_max_batch_size(max_batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
         logger.info("serving %s (batches of up to %d)", self.service.id, max_batch_size)
@@ -160,6 +211,45 @@ class CaptionDeployment:
             }
         )
 
+    @api.post("/explain")
+    async def explain(self, request: Request, caption: str | None = None) -> JSONResponse:
+        """Per-word attention of ``caption`` (default: the model's own) over the uploaded image,
+        sent like ``POST /caption``: ``words``, ``maps [T][h][w]`` or ``regions``, ``routing``,
+        ``image_extent`` (the part of the maps the image covers), model and timings."""
+        t0 = time.perf_counter()
+        if caption is not None and len(caption) > MAX_CAPTION_CHARS:
+            return _error(400, f"caption is {len(caption)} characters; at most {MAX_CAPTION_CHARS}")
+        try:
+            image = await self._image_from(request)
+            if caption and caption.strip():
+                self.service.caption_tokens(caption)  # too long: refused before any work
+        except UploadRejectedError as e:
+            return _error(e.status, e.reason)
+        except ValueError as e:
+            return _error(400, str(e))
+        timing: dict[str, float] = {}
+        if not (caption and caption.strip()):
+            decoded = await self._batched(image)
+            caption, timing["decode_ms"] = decoded["caption"], decoded["decode_ms"]
+        async with self._explaining:
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(None, self.service.explain, image, caption)
+        timing["explain_ms"] = result.pop("explain_ms")
+        timing["total_ms"] = 1000 * (time.perf_counter() - t0)
+        return JSONResponse(
+            {
+                **result,
+                "model": self.service.id,
+                "image": {"width": image.width, "height": image.height},
+                "timing": timing,
+            }
+        )
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> HTMLResponse:
+        """The web page: upload, caption, beams, heatmaps (all requests go to this endpoint)."""
+        return HTMLResponse(page_html())
+
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         return {
@@ -168,7 +258,45 @@ class CaptionDeployment:
             "device": str(self.service.torch_device),
             "max_batch_size": self.max_batch_size,
             "batch_wait_timeout_s": self.batch_wait_timeout_s,
+            "decode": self.service.settings(),
+            "limits": {
+                "max_bytes": self.limits.max_bytes,
+                "max_pixels": self.limits.max_pixels,
+                "max_side": self.limits.max_side,
+                "content_types": sorted(IMAGE_CONTENT_TYPES),
+            },
         }
+
+
+def _flag(value: Any) -> bool | None:
+    """A boolean argument, also as the string `serve run key=value` passes."""
+    if value is None or isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(f"collapse_repeats={value!r}: use true or false")
+    return text in ("true", "1", "yes")
+
+
+def _decode_args(a: dict[str, Any]) -> dict[str, Any]:
+    """The decoding controls among the arguments, typed (left out or None: the checkpoint's)."""
+    try:
+        return {k: kind(a[k]) for k, kind in DECODE_ARGS.items() if a[k] is not None}
+    except ValueError as e:
+        raise ValueError(f"bad decoding argument: {e} (see docs/decoding.md)") from e
+
+
+def _check_decoding(checkpoint: str, decode: dict[str, Any], beam_size: int, max_len: int) -> None:
+    """Bad decoding arguments fail here, not in every replica: they are checked with the
+    checkpoint's own ``decode.*`` when its folder is readable from this process."""
+    try:
+        config, _ = read_config_and_vocab(checkpoint)
+    except FileNotFoundError:
+        logger.info("%s is not readable here: its replicas check the decoding", checkpoint)
+        return
+    controls = service_controls(config.decode, decode)
+    controls.validate(beam_size, max_len)
+    check_search_controls(resolve_options(config.model).beam_search, controls)
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -180,6 +308,8 @@ def build_app(args: dict[str, Any]) -> Application:
     if not a["checkpoint"]:
         raise ValueError("serve needs checkpoint=PATH (a HeriCap checkpoint folder)")
     max_batch = int(a["max_batch_size"])
+    decode = _decode_args(a)
+    _check_decoding(str(a["checkpoint"]), decode, int(a["beam_size"]), int(a["max_len"]))
     options: dict[str, Any] = {
         # room for a full batch waiting while another decodes
         "max_ongoing_requests": max(2 * max_batch, 8),
@@ -201,6 +331,8 @@ def build_app(args: dict[str, Any]) -> Application:
         batch_wait_timeout_s=float(a["batch_wait_timeout_s"]),
         torch_threads=int(a["torch_threads"]),
         limits=ImageLimits(int(a["max_bytes"]), int(a["max_pixels"]), int(a["max_side"])),
+        decode=decode,
+        collapse_repeats=_flag(a["collapse_repeats"]),
     )
 
 

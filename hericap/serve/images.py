@@ -66,6 +66,10 @@ def open_upload(data: bytes, limits: ImageLimits) -> Image.Image:
             im = Image.open(io.BytesIO(data))  # reads the header only
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise UploadRejectedError(413, f"decompression bomb refused: {e}") from e
+    except Image.UnidentifiedImageError as e:
+        raise UploadRejectedError(
+            400, f"not an image ({len(data)} bytes in no format Pillow reads)"
+        ) from e
     except (OSError, SyntaxError, ValueError) as e:
         raise UploadRejectedError(400, f"not a readable image ({len(data)} bytes): {e}") from e
     width, height = im.size

@@ -56,7 +56,10 @@ def start(
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args), name="hericap", route_prefix="/", blocking=False)
     url = f"http://{host}:{port}"
-    logger.info("captioning endpoint: POST %s/caption, GET %s/healthz, docs %s/docs", url, url, url)
+    logger.info(
+        "captioning endpoint %s: the page at /, POST /caption and /explain, GET /healthz, /docs",
+        url,
+    )
     return url
 
 

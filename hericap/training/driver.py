@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.fs as pafs
 import ray
 import ray.data
@@ -21,6 +22,7 @@ import ray.train
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from hericap.checkpoint.warm_start import check_warm_start
 from hericap.config.loader import to_dict
 from hericap.config.schema import Config
 from hericap.data import storage
@@ -29,6 +31,7 @@ from hericap.data.catalog import ensure_shards, first_image_ids, seed_layout, sh
 from hericap.data.shards import MANIFEST_NAME, Manifest, read_rows
 from hericap.data.text import Vocabulary
 from hericap.data.transforms import resize_spec
+from hericap.evaluation.diversity import caption_fingerprints
 from hericap.runtime.cluster import check_resources, check_shared_locations
 from hericap.runtime.datasets import run_on_ray, shard_dataset
 from hericap.runtime.preflight import check_config, weight_files
@@ -36,6 +39,7 @@ from hericap.training.loop import train_loop_per_worker
 from hericap.training.phases import configured_phases
 from hericap.training.run_logs import write_run_logs
 from hericap.training.run_storage import RUN_NAME, KeepBest, RunStorage, claim_run, storage_location
+from hericap.training.tracking import tracking_uri, uses_mlflow
 
 __all__ = [
     "TrainData",
@@ -85,6 +89,7 @@ def check_cluster(cfg: Config) -> None:
     locations = {"exp.storage_path": storage_location(cfg), "dataset.shard_dir": shards}
     if not cfg.exp.resume:
         locations.update(weight_files(cfg))
+        locations["exp.checkpoint"] = cfg.exp.checkpoint  # a warm start's weights
     if seed_layout(cfg) and not storage.exists(storage.join(shards, MANIFEST_NAME)):
         locations["dataset.root"] = cfg.dataset.root  # its images are read by Ray tasks
     check_shared_locations(locations, "training")
@@ -144,6 +149,8 @@ class TrainData:
     val_references: dict[str, list[str]]
     train_references: dict[str, list[str]]  # the SCST reward's corpus (empty without SCST)
     batches_per_epoch: int
+    # the train captions as fingerprints: which val captions are copies (novel_share)
+    train_fingerprints: np.ndarray | None = None
 
 
 def select_data(cfg: Config, manifest: Manifest, with_scst: bool) -> TrainData:
@@ -175,14 +182,18 @@ def select_data(cfg: Config, manifest: Manifest, with_scst: bool) -> TrainData:
             f"{accum} accumulated batches; lower optimizer.batch_size, "
             "optimizer.grad_accum_steps or exp.world_size"
         )
+    train_references = _references(train_files, keep_train)
     return TrainData(
         train_files=train_files,
         val_files=val_files,
         keep_train=keep_train,
         n_train=n_train,
         val_references=_references(val_files, keep_val),
-        train_references=_references(train_files, keep_train) if with_scst else {},
+        train_references=train_references if with_scst else {},
         batches_per_epoch=batches_per_epoch,
+        train_fingerprints=caption_fingerprints(
+            c for captions in train_references.values() for c in captions
+        ),
     )
 
 
@@ -247,7 +258,11 @@ def _make_trainer(
             "val_files": data.val_files,  # absolute paths or URIs
             "val_references": data.val_references,
             "train_references": data.train_references,
+            "train_fingerprints": data.train_fingerprints,
             "batches_per_epoch": data.batches_per_epoch,
+            "tracking_uri": (
+                tracking_uri(cfg.exp.output_dir) if uses_mlflow(cfg.exp.tracking) else None
+            ),
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.exp.world_size,
@@ -289,7 +304,8 @@ def train(
     check_cluster(cfg)
     runs = claim_run(cfg)
     manifest = ensure_shards(cfg, run=run_on_ray)
-    vocab = Vocabulary.load(manifest.vocab_path)
+    # starting from a checkpoint's weights: its vocabulary (the output layer is its size)
+    vocab = check_warm_start(cfg) if cfg.exp.checkpoint else Vocabulary.load(manifest.vocab_path)
     run_dir = storage.resolve(cfg.run_dir)
     data = select_data(cfg, manifest, with_scst)
     trainer = _make_trainer(cfg, data, vocab, runs, cfg.exp.ngpus_per_node > 0, callbacks or [])

@@ -16,7 +16,7 @@ from torch import nn
 
 from hericap.models.captioner import Captioner
 
-__all__ = ["build_optimizer", "constant_lr", "param_groups", "warmup_cosine"]
+__all__ = ["build_optimizer", "constant_lr", "param_groups", "warmup_cosine", "warmup_length"]
 
 
 def param_groups(
@@ -65,6 +65,14 @@ def warmup_cosine(
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def warmup_length(warmup_steps: int, warmup_epochs: float, updates_per_epoch: int) -> int:
+    """Warm-up steps: ``warmup_epochs`` epochs of updates when > 0 (at least one step), else
+    ``warmup_steps``."""
+    if warmup_epochs > 0:
+        return max(1, round(warmup_epochs * updates_per_epoch))
+    return warmup_steps
 
 
 def constant_lr(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:

@@ -30,16 +30,20 @@ from torch import nn
 
 from hericap.checkpoint import META_FILE, MODEL_FILE, STATE_FILE
 from hericap.checkpoint import save_checkpoint as write_checkpoint_folder
-from hericap.config.loader import from_dict
+from hericap.checkpoint.folder import read_model_state
+from hericap.config.loader import from_dict, to_dict
 from hericap.data.text import Vocabulary
-from hericap.data.transforms import crop_batch, normalize_images, resize_spec
-from hericap.models.builder import build_captioner, format_parameter_summary
+from hericap.data.transforms import prepare_batch, resize_spec
+from hericap.evaluation.diversity import DIVERSITY_KEYS, collapse_warning
+from hericap.models.builder import build_captioner, decode_controls, format_parameter_summary
 from hericap.models.weights import load_state_dict_strict
-from hericap.training.optim import build_optimizer, constant_lr, warmup_cosine
+from hericap.training.ema import WeightEma, checkpoint_weights, restore_weights
+from hericap.training.optim import build_optimizer, constant_lr, warmup_cosine, warmup_length
 from hericap.training.phases import Phase, configured_phases, phase_at
 from hericap.training.rng import get_rng_state, seed_everything, set_rng_state
 from hericap.training.scst import CiderReward, make_scst_decoder, scst_step
-from hericap.training.validation import validate
+from hericap.training.tracking import MlflowRun, flat_params, numeric_metrics, uses_mlflow
+from hericap.training.validation import ValidationResult, validate
 from hericap.training.xe import pick_captions, xe_loss
 
 __all__ = ["CaptionRecipe", "EpochState"]
@@ -109,8 +113,9 @@ class CaptionRecipe:
     Args:
         loop_config: what the driver passes to every worker: ``config`` (dict), ``vocab``
             (dict), ``val_files`` (shard locations), ``val_references`` ({image_id: captions}),
-            ``train_references`` (the SCST reward corpus) and ``batches_per_epoch`` (per worker,
-            a multiple of ``optimizer.grad_accum_steps``).
+            ``train_references`` (the SCST reward corpus), ``train_fingerprints`` (the train
+            captions, for the val captions' ``novel_share``) and ``batches_per_epoch`` (per
+            worker, a multiple of ``optimizer.grad_accum_steps``).
     """
 
     def __init__(self, loop_config: dict[str, Any]) -> None:
@@ -119,7 +124,10 @@ class CaptionRecipe:
         self.val_files: list[str] = loop_config["val_files"]
         self.val_references: dict[str, list[str]] = loop_config["val_references"]
         self.train_references: dict[str, list[str]] = loop_config["train_references"]
+        self.train_fingerprints = loop_config.get("train_fingerprints")
         self.batches_per_epoch: int = loop_config["batches_per_epoch"]
+        # the MLflow store, resolved by the driver (None: exp.tracking logs no MLflow run)
+        self.tracking_uri: str | None = loop_config.get("tracking_uri")
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.phases = configured_phases(self.cfg.optimizer)
@@ -136,6 +144,7 @@ class CaptionRecipe:
         self.caption_rng = random.Random()
         self.reward: CiderReward | None = None
         self.scst_decode = None
+        self.ema: WeightEma | None = None  # optimizer.ema_decay > 0
         self.run_start = time.time()
 
     # ----------------------------------------------------------------- set-up
@@ -154,18 +163,33 @@ class CaptionRecipe:
         self.model = self._wrap(self.phase)
         self._setup_optimizer(self.phase, train_state)
         self._setup_data()
+        self._setup_tracking(train_state)
         return True
+
+    def _setup_tracking(self, train_state: dict[str, Any] | None) -> None:
+        """Rank 0 opens the run's MLflow run (``exp.tracking``), or continues it on resume."""
+        self.tracker: MlflowRun | None = None
+        if self.rank != 0 or not uses_mlflow(self.cfg.exp.tracking):
+            return
+        run_id = (train_state or {}).get("mlflow_run_id")
+        name = self.cfg.exp.name
+        self.tracker = MlflowRun(self.tracking_uri, experiment=name, run_name=name, run_id=run_id)
+        if run_id is None:
+            self.tracker.log_params(flat_params(to_dict(self.cfg)))
 
     def _setup_model(self) -> None:
         torch.manual_seed(self.cfg.exp.seed)  # identical initial weights on every rank
-        # a run that restores a checkpoint takes every weight from it: the backbone / detector
-        # files it started from are not read again (they need not exist where it resumes)
+        # a run that restores a checkpoint, or starts from one's weights (exp.checkpoint), takes
+        # every weight from it: the backbone / detector files are not read (they need not exist
+        # where it runs)
         self.net = build_captioner(
             self.cfg.model,
             len(self.vocab),
             self.resize.model_size,
-            load_pretrained=ray.train.get_checkpoint() is None,
+            load_pretrained=ray.train.get_checkpoint() is None and not self.cfg.exp.checkpoint,
         )
+        if self.cfg.optimizer.ema_decay > 0:
+            self.ema = WeightEma(self.net, self.cfg.optimizer.ema_decay)
         summary = format_parameter_summary(self.net)
         nodes = [ray.get_runtime_context().get_node_id()]
         if self.world > 1:
@@ -185,11 +209,27 @@ class CaptionRecipe:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             seed_everything(self.cfg.exp.seed + self.rank)
+            if self.cfg.exp.checkpoint:  # a fresh run from another checkpoint's weights
+                state = read_model_state(self.cfg.exp.checkpoint)
+                load_state_dict_strict(
+                    self.net, state, what=f"exp.checkpoint={self.cfg.exp.checkpoint}"
+                )
+                if self.ema is not None:  # the average starts at the weights training starts at
+                    self.ema.load(self.net.state_dict(), 0)
+                self._log("initialised from the weights of %s", self.cfg.exp.checkpoint)
             return None
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)
-            load_state_dict_strict(self.net, state, what=f"checkpoint {d}")
             train_state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+            restore_weights(
+                self.net,
+                self.ema,
+                state,
+                train_state,
+                lambda model, weights: load_state_dict_strict(
+                    model, weights, what=f"checkpoint {d}"
+                ),
+            )
             meta = json.loads((Path(d) / META_FILE).read_text())
         self.history, self.step_log = meta.get("history", []), meta.get("steps", [])
         rng = train_state["rng"]
@@ -231,9 +271,8 @@ class CaptionRecipe:
             total = phase.epochs * self.updates_per_epoch
             if opt.max_steps:
                 total = min(total, opt.max_steps)
-            self.scheduler = warmup_cosine(
-                self.optimizer, opt.warmup_steps, total, opt.min_lr_ratio
-            )
+            warmup = warmup_length(opt.warmup_steps, opt.warmup_epochs, self.updates_per_epoch)
+            self.scheduler = warmup_cosine(self.optimizer, warmup, total, opt.min_lr_ratio)
         else:
             self.scheduler = constant_lr(self.optimizer)
         if train_state is None:
@@ -262,6 +301,8 @@ class CaptionRecipe:
             self.vocab.bos_idx,
             self.vocab.eos_idx,
             self.vocab.pad_idx,
+            top_k=self.cfg.decode.top_k,
+            top_p=self.cfg.decode.top_p,
         )
 
     # ----------------------------------------------------------------- training
@@ -346,8 +387,11 @@ class CaptionRecipe:
     def _train_batch(self, batch: dict[str, Any], state: EpochState) -> bool:
         """Forward and backward one batch (gradients accumulate); returns whether it completed an
         optimiser step."""
-        images = normalize_images(
-            crop_batch(batch["image"], batch.get("image_hw"), self.net.input_multiple),
+        images, image_hw = prepare_batch(
+            batch["image"],
+            batch.get("image_hw"),
+            self.net.input_multiple,
+            self.net.zero_padding,
             self.device,
         )
         update = (state.batches + 1) % self.accum == 0
@@ -356,9 +400,9 @@ class CaptionRecipe:
         with sync:
             with _autocast(self.device, self.cfg.exp.mixed_precision):
                 if self.phase.kind == "xe":
-                    loss = self._xe_loss(images, batch["captions"])
+                    loss = self._xe_loss(images, image_hw, batch["captions"])
                 else:
-                    loss, state.last_reward = self._scst_loss(images, batch["image_id"])
+                    loss, state.last_reward = self._scst_loss(images, image_hw, batch["image_id"])
                     state.reward_sum += state.last_reward
             (loss / self.accum).backward()
         state.batches += 1
@@ -370,7 +414,9 @@ class CaptionRecipe:
         self._log_step(loss.item(), grad_norm, state)
         return True
 
-    def _xe_loss(self, images: torch.Tensor, captions: Any) -> torch.Tensor:
+    def _xe_loss(
+        self, images: torch.Tensor, image_hw: torch.Tensor | None, captions: Any
+    ) -> torch.Tensor:
         """Teacher-forced cross-entropy of ``captions_per_image`` captions per image."""
         opt = self.cfg.optimizer
         k = opt.captions_per_image
@@ -378,10 +424,12 @@ class CaptionRecipe:
             pick_captions(captions, k, self.caption_rng),
             max_len=self.cfg.dataset.max_caption_len,
         ).to(self.device)
-        log_probs = self.model(images, tokens[:, :-1], captions_per_image=k)
+        log_probs = self.model(images, tokens[:, :-1], captions_per_image=k, image_hw=image_hw)
         return xe_loss(log_probs.float(), tokens[:, 1:], self.vocab.pad_idx, opt.label_smoothing)
 
-    def _scst_loss(self, images: torch.Tensor, image_ids: Any) -> tuple[torch.Tensor, float]:
+    def _scst_loss(
+        self, images: torch.Tensor, image_hw: torch.Tensor | None, image_ids: Any
+    ) -> tuple[torch.Tensor, float]:
         """The self-critical loss and the batch's mean reward."""
         return scst_step(
             self.model,
@@ -391,6 +439,7 @@ class CaptionRecipe:
             self.scst_decode,
             self.cfg.optimizer.sc_baseline,
             self.vocab.eos_idx,
+            image_hw=image_hw,
         )
 
     def _optimizer_step(self) -> float | None:
@@ -399,6 +448,8 @@ class CaptionRecipe:
         clip = self.cfg.optimizer.grad_clip
         grad_norm = float(nn.utils.clip_grad_norm_(self.net.parameters(), clip)) if clip else None
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.net)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -411,19 +462,21 @@ class CaptionRecipe:
         lr, lr_backbone = _learning_rates(self.optimizer)
         sc = self.phase.kind == "sc"
         if self.step % max(1, self.cfg.exp.log_every_steps) == 0:
-            self.step_log.append(
-                {
-                    "step": self.step,
-                    "epoch": state.epoch,
-                    "phase": self.phase.name,
-                    "loss": loss,
-                    "lr": lr,
-                    "lr_backbone": lr_backbone,
-                    **({"grad_norm": grad_norm} if grad_norm is not None else {}),
-                    **({"reward": state.last_reward} if sc else {}),
-                    "elapsed_s": time.time() - self.run_start,
-                }
-            )
+            entry = {
+                "step": self.step,
+                "epoch": state.epoch,
+                "phase": self.phase.name,
+                "loss": loss,
+                "lr": lr,
+                "lr_backbone": lr_backbone,
+                **({"grad_norm": grad_norm} if grad_norm is not None else {}),
+                **({"reward": state.last_reward} if sc else {}),
+                "elapsed_s": time.time() - self.run_start,
+            }
+            self.step_log.append(entry)
+            if self.tracker is not None:
+                logged = {k: v for k, v in entry.items() if k not in ("step", "epoch")}
+                self.tracker.log_metrics(numeric_metrics(logged, "step/"), self.step)
         if state.updates % PROGRESS_EVERY_STEPS == 0:
             logger.info(
                 "%s epoch %d/%d step %d/%d loss %.3f%s lr %.2e elapsed %.0fs",
@@ -442,19 +495,67 @@ class CaptionRecipe:
     def _end_epoch(self, state: EpochState) -> None:
         """Agree on the epoch's sums, validate, record and checkpoint."""
         train_time = time.time() - state.start
-        loss_sum, reward_sum, batches, steps_min, steps_max = self._reduce(state)
-        val_cider, n_val = self.validate()
+        sums = self._reduce(state)
+        val = self.validate()
+        metrics = self._epoch_metrics(state, sums, val, train_time)
+        self.history.append(metrics)
+        if self.tracker is not None:
+            self.tracker.log_metrics(numeric_metrics(metrics, "epoch/"), self.step)
+        self._log(
+            "%s epoch %d/%d done: loss %.3f val CIDEr %.3f (%d images, %.0f%% distinct "
+            "captions) train %.0fs total %.0fs",
+            self.phase.name,
+            state.epoch + 1,
+            self.epochs,
+            metrics["train_loss"],
+            val.cider,
+            val.images,
+            100 * val.diversity["unique_share"],
+            train_time,
+            time.time() - self.run_start,
+        )
+        warning = collapse_warning(
+            val.diversity,
+            f"val, {self.phase.name} epoch {state.epoch + 1}",
+            scst=self.phase.kind == "sc",
+        )
+        if warning and self.rank == 0:
+            logger.warning("%s", warning)
+        self.save_checkpoint(metrics, {"epoch": state.epoch})
+
+    def _sampling_record(self) -> dict[str, Any]:
+        """``sc_top_k`` / ``sc_top_p`` when SCST samples (leave_one_out, greedy baselines)."""
+        if self.cfg.optimizer.sc_baseline == "beam_mean":
+            return {}
+        return {"sc_top_k": self.cfg.decode.top_k, "sc_top_p": self.cfg.decode.top_p}
+
+    def _epoch_metrics(
+        self,
+        state: EpochState,
+        sums: tuple[float, float, float, int, int],
+        val: ValidationResult,
+        train_time: float,
+    ) -> dict[str, Any]:
+        """What every epoch reports (and its checkpoint's meta.json records)."""
+        loss_sum, reward_sum, batches, steps_min, steps_max = sums
         lr, lr_backbone = _learning_rates(self.optimizer)
         opt = self.cfg.optimizer
-        metrics = {
+        return {
             "phase": self.phase.kind,
             "phase_name": self.phase.name,
             "frozen_backbone": self.phase.frozen,
             "epoch": state.epoch,
             "step": self.step,
             "train_loss": loss_sum / max(1.0, batches),
-            "val_CIDEr": val_cider,
-            "val_images": n_val,
+            "val_CIDEr": val.cider,
+            "val_images": val.images,
+            # how val was decoded: greedy or beam N, and the decode.* controls set
+            "val_decode": decode_controls(self.cfg.decode).describe(self.cfg.decode.val_beam_size),
+            # the weights validated (and kept when best): the moving average when > 0
+            "ema_decay": opt.ema_decay,
+            **{f"val_{k}": val.diversity[k] for k in DIVERSITY_KEYS},
+            "val_collapse": val.diversity["collapse"],
+            "collapse_unique_share": val.diversity["collapse_unique_share"],
             "worker_steps_min": steps_min,
             "worker_steps_max": steps_max,
             "lr": lr,
@@ -464,6 +565,8 @@ class CaptionRecipe:
                     "train_reward": reward_sum / max(1.0, batches),
                     "sc_baseline": opt.sc_baseline,
                     "sc_include_eos": opt.sc_include_eos,
+                    # what the sampling baselines sample from (decode.top_k / top_p)
+                    **self._sampling_record(),
                 }
                 if self.phase.kind == "sc"
                 else {}
@@ -474,19 +577,6 @@ class CaptionRecipe:
             "epoch_train_s": train_time,
             "epoch_s": time.time() - state.start,
         }
-        self.history.append(metrics)
-        self._log(
-            "%s epoch %d/%d done: loss %.3f val CIDEr %.3f (%d images) train %.0fs total %.0fs",
-            self.phase.name,
-            state.epoch + 1,
-            self.epochs,
-            metrics["train_loss"],
-            val_cider,
-            n_val,
-            train_time,
-            time.time() - self.run_start,
-        )
-        self.save_checkpoint(metrics, {"epoch": state.epoch})
 
     def _reduce(self, state: EpochState) -> tuple[float, float, float, int, int]:
         """Every rank's (loss sum, reward sum, batches) summed, and the fewest and most updates
@@ -502,22 +592,28 @@ class CaptionRecipe:
         loss_sum, reward_sum, batches = totals.tolist()
         return loss_sum, reward_sum, batches, -int(spread[1]), int(spread[0])
 
-    def validate(self) -> tuple[float, int]:
-        """Val CIDEr-D of the current weights (every rank gets the same)."""
+    def validate(self) -> ValidationResult:
+        """Val CIDEr-D and caption diversity of the current weights, or of their moving average
+        when ``optimizer.ema_decay`` > 0 (every rank gets the same)."""
         decode = self.cfg.decode
-        return validate(
-            self.net,
-            self.val_files,
-            self.val_references,
-            self.vocab,
-            self.resize,
-            decode.val_beam_size,
-            decode.max_len,
-            decode.batch_size,
-            self.device,
-            self.rank,
-            self.world,
-        )
+        averaged = self.ema.swapped_in(self.net) if self.ema else contextlib.nullcontext()
+        with averaged:
+            return validate(
+                self.net,
+                self.val_files,
+                self.val_references,
+                self.vocab,
+                self.resize,
+                decode.val_beam_size,
+                decode.max_len,
+                decode.batch_size,
+                self.device,
+                self.rank,
+                self.world,
+                train_fingerprints=self.train_fingerprints,
+                collapse_unique_share=self.cfg.evaluation.collapse_unique_share,
+                controls=decode_controls(decode),
+            )
 
     # ----------------------------------------------------------------- checkpoints
     def _mid_epoch_checkpoint(self, state: EpochState) -> None:
@@ -529,6 +625,7 @@ class CaptionRecipe:
                 "step": self.step,
                 "mid_epoch": True,
                 "train_loss": state.loss_sum / state.batches,
+                "ema_decay": self.cfg.optimizer.ema_decay,
                 "attempt": self.attempt,
             },
             {"epoch": state.epoch, "epoch_progress": state.progress(self.caption_rng)},
@@ -536,7 +633,8 @@ class CaptionRecipe:
 
     def save_checkpoint(self, metrics: dict[str, Any], state: dict[str, Any]) -> None:
         """Every rank reports ``metrics``; rank 0 also writes the checkpoint (model, optimiser,
-        scheduler, every rank's RNG state and ``state``)."""
+        scheduler, every rank's RNG state and ``state``). With EMA, ``model.pt`` holds the moving
+        average and the training state the raw weights (:func:`checkpoint_weights`)."""
         rng_states = [get_rng_state()]
         if self.world > 1:
             rng_states = [None] * self.world
@@ -544,13 +642,17 @@ class CaptionRecipe:
         if self.rank != 0:
             ray.train.report(metrics)
             return
+        weights, raw = checkpoint_weights(self.net, self.ema)
+        # the MLflow run this checkpoint belongs to: a resume continues it, the driver adds the
+        # artefacts to it
+        tracked = {"mlflow_run_id": self.tracker.run_id} if self.tracker is not None else {}
         with tempfile.TemporaryDirectory() as tmp:
             write_checkpoint_folder(
                 tmp,
-                self.net,
+                weights,
                 self.cfg,
                 self.vocab,
-                meta={**metrics, "history": self.history, "steps": self.step_log},
+                meta={**metrics, "history": self.history, "steps": self.step_log, **tracked},
                 training_state={
                     "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(),
@@ -558,6 +660,8 @@ class CaptionRecipe:
                     "step": self.step,
                     "phase": self.phase.name,
                     "attempt": self.attempt,
+                    **tracked,
+                    **raw,
                     **state,
                 },
             )
@@ -567,6 +671,8 @@ class CaptionRecipe:
         """Release what the run holds (the DDP wrapper and the reward's tables)."""
         self.model = None
         self.reward = None
+        if self.tracker is not None:
+            self.tracker.end()
 
     def _log(self, message: str, *args: Any) -> None:
         """Log on rank 0 only."""

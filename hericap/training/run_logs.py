@@ -23,7 +23,16 @@ __all__ = ["plot_run", "read_csv", "write_csv", "write_run_logs"]
 logger = logging.getLogger(__name__)
 
 # epoch metrics drawn as TensorBoard scalars (tag "epoch/<name>")
-_EPOCH_SCALARS = ("train_loss", "val_CIDEr", "train_reward", "lr", "lr_backbone", "epoch_s")
+_EPOCH_SCALARS = (
+    "train_loss",
+    "val_CIDEr",
+    "val_distinct_2",
+    "val_unique_share",
+    "train_reward",
+    "lr",
+    "lr_backbone",
+    "epoch_s",
+)
 # step-log fields drawn as TensorBoard scalars (tag "step/<name>")
 _STEP_SCALARS = ("loss", "lr", "lr_backbone", "grad_norm", "reward")
 

@@ -25,8 +25,8 @@ import torch
 from hericap.config.schema import SCST_BASELINES
 from hericap.data.ptb import ptb_tokenize
 from hericap.data.text import Vocabulary
-from hericap.evaluation.cider import CiderD
-from hericap.models.decoding import beam_search, greedy_decode, sample_decode
+from hericap.evaluation.cider import CiderD, drop_empty_words
+from hericap.models.decoding import DecodeControls, beam_search, greedy_decode, sample_decode
 
 __all__ = [
     "SCST_BASELINES",
@@ -74,7 +74,7 @@ class CiderReward:
         after_eos = (is_eos.cumsum(dim=1) - is_eos).numpy() > 0  # padding, whatever it holds
         ids = self._table[tokens.numpy()]
         ids[after_eos] = 0
-        return self.cider.score_tokens(image_ids, ids)
+        return self.cider.score_tokens(image_ids, drop_empty_words(ids))
 
 
 def advantages(
@@ -121,25 +121,41 @@ def make_scst_decoder(
     eos_idx: int,
     pad_idx: int,
     temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> Callable[[object, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor | None]]:
     """The decoding step of SCST for :meth:`Captioner.forward`'s ``decode`` argument: returns
-    ``tokens [B, k, T]`` to train on and, for the greedy baseline, ``greedy tokens [B, 1, T]``."""
+    ``tokens [B, k, T]`` to train on and, for the greedy baseline, ``greedy tokens [B, 1, T]``.
+
+    The sampling baselines (``leave_one_out``, ``greedy``) draw among the ``top_k`` likeliest
+    words and the nucleus of mass ``top_p`` (``decode.top_k`` / ``decode.top_p``; 0 and 1: every
+    word); the beams of ``beam_mean`` and the greedy baseline's caption are not affected.
+    """
     if baseline not in SCST_BASELINES:
         raise ValueError(f"unknown SCST baseline {baseline!r}; known: {list(SCST_BASELINES)}")
     ids = {"bos_idx": bos_idx, "eos_idx": eos_idx, "pad_idx": pad_idx}
+    sampling = DecodeControls(top_k=top_k, top_p=top_p)
+    sampling.validate()
 
-    def decode(model, memories):
+    def decode(model, memories, memory_masks=None):
         decoder = model.decoder
+        masks = {"memory_masks": memory_masks, **ids}
         if baseline == "beam_mean":
             out = beam_search(
-                decoder, memories, num_sequences, max_len, n_best=num_sequences, **ids
+                decoder, memories, num_sequences, max_len, n_best=num_sequences, **masks
             )
             return out.tokens, None
         out = sample_decode(
-            decoder, memories, max_len, num_samples=num_sequences, temperature=temperature, **ids
+            decoder,
+            memories,
+            max_len,
+            num_samples=num_sequences,
+            temperature=temperature,
+            controls=sampling,
+            **masks,
         )
         if baseline == "greedy":
-            return out.tokens, greedy_decode(decoder, memories, max_len, **ids).tokens
+            return out.tokens, greedy_decode(decoder, memories, max_len, **masks).tokens
         return out.tokens, None
 
     return decode
@@ -153,13 +169,15 @@ def scst_step(
     decode,
     baseline: str,
     eos_idx: int,
+    image_hw: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float]:
     """One SCST loss: decode (no gradients), reward, baseline, policy-gradient loss.
 
     ``model`` is the (possibly DDP-wrapped) captioner; ``decode`` comes from
-    :func:`make_scst_decoder`. Returns the loss and the batch's mean reward.
+    :func:`make_scst_decoder`; ``image_hw`` the images' real sizes in a padded batch. Returns
+    the loss and the batch's mean reward.
     """
-    token_log_probs, sequences, greedy = model(images, decode=decode)
+    token_log_probs, sequences, greedy = model(images, decode=decode, image_hw=image_hw)
     b, k, t = sequences.shape
     flat = sequences.reshape(b * k, t)
     ids = [str(i) for i in image_ids]

@@ -1,10 +1,12 @@
 """Per-epoch validation inside the training workers: each rank decodes its slice of the val images
-straight from the shards, and all ranks agree on val CIDEr-D (computed without a JVM)."""
+straight from the shards, and all ranks agree on val CIDEr-D (computed without a JVM) and on the
+diversity of the captions (the collapse alarm's input)."""
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -16,9 +18,11 @@ from hericap.data import storage
 from hericap.data.text import Vocabulary
 from hericap.data.transforms import ResizeSpec, load_image, resize_to_canvas
 from hericap.evaluation.coco_metrics import cider_d
+from hericap.evaluation.diversity import diversity_scores
 from hericap.evaluation.inference import caption_batch
+from hericap.models.decoding import DecodeControls
 
-__all__ = ["iter_val_slice", "validate"]
+__all__ = ["ValidationResult", "iter_val_slice", "validate"]
 
 
 def _owner(image_id: str, world: int) -> int:
@@ -62,6 +66,15 @@ def iter_val_slice(
         yield ids, np.stack(images), np.asarray(sizes)
 
 
+class ValidationResult(NamedTuple):
+    """What every rank gets from :func:`validate`."""
+
+    cider: float
+    images: int
+    # diversity_scores of the val captions (distinct-n, unique / novel shares, collapse)
+    diversity: dict[str, Any]
+
+
 def validate(
     net: nn.Module,
     files: Sequence[str],
@@ -74,9 +87,14 @@ def validate(
     device: torch.device,
     rank: int,
     world: int,
-) -> tuple[float, int]:
-    """Decode this rank's slice of the val images with ``net`` (the unwrapped model); every rank
-    returns the same ``(CIDEr-D, images decoded)``.
+    train_fingerprints: np.ndarray | None = None,
+    collapse_unique_share: float = 0.0,
+    controls: DecodeControls | None = None,
+) -> ValidationResult:
+    """Decode this rank's slice of the val images with ``net`` (the unwrapped model; the
+    ``decode.*`` ``controls`` apply); every rank returns the same CIDEr-D, images decoded and
+    diversity of the captions (``novel_share`` against ``train_fingerprints``; ``collapse``
+    below ``collapse_unique_share``).
 
     Raises:
         RuntimeError: the ranks together did not decode every val image.
@@ -85,7 +103,7 @@ def validate(
     mine: list[tuple[str, str]] = []
     for ids, images, sizes in iter_val_slice(files, references, resize, batch_size, rank, world):
         captions = caption_batch(
-            net, vocab, images, beam_size, max_len, device=device, image_hw=sizes
+            net, vocab, images, beam_size, max_len, device=device, image_hw=sizes, controls=controls
         )
         mine.extend(zip(ids, captions, strict=True))
     gathered: list[list[tuple[str, str]]] = [mine]
@@ -100,4 +118,5 @@ def validate(
             f"missing e.g. {missing}"
         )
     net.train()
-    return cider_d(references, candidates), len(candidates)
+    diversity = diversity_scores(candidates, train_fingerprints, collapse_unique_share)
+    return ValidationResult(cider_d(references, candidates), len(candidates), diversity)
