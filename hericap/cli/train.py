@@ -156,7 +156,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from hericap.runtime.preflight import check_config
 
     cfg, checkpoints = eval_config(eval_overrides(args))
-    check_config(cfg, need_weights=False)  # checkpoints hold every weight
+    check_config(cfg, need_weights=False, training=False)  # checkpoints hold every weight
     with ray_session(cfg.exp.ray_address, cfg.exp.ray_num_cpus):
         report = evaluate_checkpoint(cfg, checkpoints, cfg.split)
     _print_eval(report)

@@ -27,7 +27,7 @@ from hericap.config.schema import (
     OptimizerConfig,
 )
 
-__all__ = ["check_all"]
+__all__ = ["check_all", "check_training"]
 # exp.name is a folder name under exp.output_dir (and a Ray run name)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # numpy's global seed must stay below 2**32 after adding a worker's rank
@@ -184,18 +184,6 @@ def check_optimizer(opt: OptimizerConfig) -> None:
             f"optimizer.checkpoint_num_to_keep={opt.checkpoint_num_to_keep} must be >= 1 "
             "(the latest checkpoint is what a run resumes from)"
         )
-    phases = ("freezing_xe", "freezing_sc", "finetune_xe", "finetune_sc")
-    run = [p for p in phases if getattr(opt, f"{p}_epochs")]
-    if not run:
-        raise ValueError(
-            f"no training epochs: set one of {', '.join(f'optimizer.{p}_epochs' for p in phases)}"
-        )
-    if run[0].endswith("_sc"):
-        raise ValueError(
-            f"optimizer.{run[0]}_epochs={getattr(opt, run[0] + '_epochs')} would run SCST "
-            "before any XE epoch; SCST starts from an "
-            "XE model (set optimizer.freezing_xe_epochs or optimizer.finetune_xe_epochs)"
-        )
     _choice("optimizer.sc_baseline", opt.sc_baseline, SCST_BASELINES)
     if not 0.0 <= opt.ema_decay < 1.0:
         raise ValueError(
@@ -207,6 +195,23 @@ def check_optimizer(opt: OptimizerConfig) -> None:
         raise ValueError(
             f"optimizer.sc_num_sequences={opt.sc_num_sequences} must be >= {min_sequences} "
             f"for the {opt.sc_baseline} baseline"
+        )
+
+
+def check_training(opt: OptimizerConfig) -> None:
+    """What a training run needs beyond a valid config (a checkpoint's config, imported or
+    evaluated, may train nothing): some epochs, and XE before SCST."""
+    phases = ("freezing_xe", "freezing_sc", "finetune_xe", "finetune_sc")
+    run = [p for p in phases if getattr(opt, f"{p}_epochs")]
+    if not run:
+        raise ValueError(
+            f"no training epochs: set one of {', '.join(f'optimizer.{p}_epochs' for p in phases)}"
+        )
+    if run[0].endswith("_sc"):
+        raise ValueError(
+            f"optimizer.{run[0]}_epochs={getattr(opt, run[0] + '_epochs')} would run SCST "
+            "before any XE epoch; SCST starts from an XE model (set optimizer.freezing_xe_epochs "
+            "or optimizer.finetune_xe_epochs)"
         )
 
 

@@ -18,6 +18,7 @@ import logging
 
 import torch
 
+from hericap.config.checks import check_training
 from hericap.config.loader import ConfigError, from_dict, to_dict
 from hericap.config.schema import Config
 from hericap.data import storage
@@ -84,23 +85,26 @@ def _check_model(cfg: Config) -> None:
         )
 
 
-def check_config(cfg: Config, need_weights: bool = True) -> None:
+def check_config(cfg: Config, need_weights: bool = True, training: bool = True) -> None:
     """Everything about ``cfg`` that can be checked without Ray, data or workers.
 
     Args:
         cfg: the config.
         need_weights: the run loads ``model.extractor.checkpoint`` / ``model.detector.checkpoint``
             (a new training run; False for a checkpoint's own config, which never reads them).
+        training: the config trains (some epochs, XE before SCST); False for evaluation.
 
     Raises:
         ConfigError: a value the run would fail on, with what to change.
         FileNotFoundError: a weight file the run needs does not exist.
     """
-    key = json.dumps(to_dict(cfg), sort_keys=True) + str(need_weights)
+    key = json.dumps(to_dict(cfg), sort_keys=True) + str((need_weights, training))
     if key in _PASSED:
         return
     try:
         cfg.validate()
+        if training:
+            check_training(cfg.optimizer)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     if cfg.dataset.name not in DATASETS:
