@@ -6,7 +6,8 @@ own raylets (``tests/multinode_cluster.py``, its own temp folder and ports, stop
 * The whole flow with everything in S3, the shipped configs run as written: the RayJob's
   entrypoint (the command the RayCluster and AWS configs document too), submitted with
   ``ray job submit``, trains 2 workers on 2 nodes from S3 shards written by ``hericap prepare
-  synthetic --out s3://...``, keeps checkpoints and the best in S3, and scores the test split
+  synthetic --out s3://...`` (starting from a checkpoint in S3: the seed's ``exp.checkpoint``),
+  keeps checkpoints and the best in S3, and scores the test split
   with inference actors that get the best checkpoint from S3; a 2-trial sweep with its shards,
   trials, checkpoints and export in S3 is Ctrl-C'd, refused without ``--resume`` /
   ``--overwrite``, resumed (the finished trial is not rerun); the RayService's serve config and
@@ -33,11 +34,18 @@ from pathlib import Path
 
 import pytest
 import requests
+import torch
 import yaml
 from helpers import free_port, jpeg
 from tiny_model import TINY_MODEL
 
+from hericap.checkpoint import load_checkpoint, save_checkpoint
 from hericap.cli import main
+from hericap.config import load_config
+from hericap.data.synthetic import iter_split
+from hericap.data.text import Vocabulary
+from hericap.data.transforms import resize_spec
+from hericap.models.builder import build_captioner
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -242,26 +250,47 @@ def _finished_trials(temp_dir: str) -> dict[str, str]:
     return out
 
 
+def _start_checkpoint(args: list[str]) -> tuple[str, Vocabulary]:
+    """A checkpoint in S3 to start from (the seed's ``exp.checkpoint=PATH``): the job's model,
+    other initial weights, and a vocabulary that is not the dataset's (an extra word)."""
+    cfg = load_config(args)
+    captions = [c for s in iter_split(0, "train", 64) for c in s.captions]
+    vocab = Vocabulary([*Vocabulary.build(captions, min_count=1).itos, "zebra"])
+    torch.manual_seed(99)
+    model = build_captioner(cfg.model, len(vocab), resize_spec(cfg.dataset).model_size)
+    location = f"s3://{BUCKET}/hericap/start"
+    save_checkpoint(location, model, cfg, vocab, meta={"epoch": 0})
+    return location, vocab
+
+
 def _run_the_rayjob(cluster: dict, s3) -> None:
     """The RayJob's entrypoint through `ray job submit`: trains 2 workers on the 2 worker nodes
-    from the S3 shards, keeps checkpoints, the best and the run folder in S3, and scores the
-    test split with inference actors that get the best checkpoint from S3."""
+    from the S3 shards, starting from the weights and vocabulary of a checkpoint in S3 (a
+    backbone LR of 0 keeps its extractor exactly as it was), keeps checkpoints, the best and the
+    run folder in S3, and scores the test split with inference actors that get the best
+    checkpoint from S3."""
     job = _yaml("kuberay/rayjob.yaml")["spec"]
     python, script, *args = shlex.split(job["entrypoint"])
     script = str(REPO / script.removeprefix("/home/ray/hericap/"))  # the image's WORKDIR
     args = [a.replace("BUCKET", BUCKET) for a in args]
-    logs = _job(cluster, [python, script, *args, *CPU_TOY], yaml.safe_load(job["runtimeEnvYAML"]))
+    start, start_vocab = _start_checkpoint([*args, *CPU_TOY])
+    warm = [f"exp.checkpoint={start}", "optimizer.xe_backbone_lr=0"]
+    runtime_env = yaml.safe_load(job["runtimeEnvYAML"])
+    logs = _job(cluster, [python, script, *args, *CPU_TOY, *warm], runtime_env)
     assert "best checkpoint: epoch 1" in logs and "CIDEr" in logs  # trained, then scored test
+    assert f"initialised from the weights of {start}" in logs
 
     keys = _keys(s3, "hericap/")
     assert any(k.startswith("hericap/runs/train/checkpoint_") for k in keys)
     assert {"hericap/runs/best/model.pt", "hericap/runs/best/meta.json"} <= keys
     run = "hericap/outputs/caption_finetune_region"  # the run folder, in S3 too
     assert {f"{run}/metrics.csv", f"{run}/test_scores.json"} <= keys
-    best = json.loads(
-        s3.get_object(Bucket=BUCKET, Key="hericap/runs/best/meta.json")["Body"].read()
-    )
-    assert best["epoch"] == 0 and best["worker_nodes"] == 2  # DDP across the two worker nodes
+    best = load_checkpoint(f"s3://{BUCKET}/hericap/runs/best")
+    assert best.meta["epoch"] == 0 and best.meta["worker_nodes"] == 2  # DDP across 2 nodes
+    assert best.vocab == start_vocab  # the start checkpoint's vocabulary, not the dataset's
+    initial, trained = load_checkpoint(start).model.state_dict(), best.model.state_dict()
+    assert all(torch.equal(trained[k], initial[k]) for k in initial if k.startswith("extractor."))
+    assert any(not torch.equal(trained[k], initial[k]) for k in trained if k.startswith("decoder."))
     scores = json.loads(s3.get_object(Bucket=BUCKET, Key=f"{run}/test_scores.json")["Body"].read())
     assert scores["num_images"] == 8 and scores["checkpoint"] == f"s3://{BUCKET}/hericap/runs/best"
 
