@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 
 import torch
 
@@ -25,7 +26,7 @@ from hericap.data import storage
 from hericap.data.readers import READERS
 from hericap.data.transforms import resize_spec
 
-__all__ = ["DATASETS", "check_config", "location_keys", "weight_files"]
+__all__ = ["DATASETS", "check_config", "local_tracking_store", "location_keys", "weight_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,12 @@ def _coarsest_stride(model_json: str, model_size: int | tuple[int, int]) -> int:
     except (ValueError, TypeError, AssertionError, RuntimeError, KeyError) as e:
         raise ConfigError(f"the model section cannot be built: {e}") from e
     return model.input_multiple
+
+
+def local_tracking_store(cfg: Config) -> bool:
+    """Whether the run's MLflow runs go to the local store under ``exp.output_dir`` (MLflow
+    tracking on, no ``$MLFLOW_TRACKING_URI``)."""
+    return cfg.exp.tracking in ("mlflow", "both") and not os.environ.get("MLFLOW_TRACKING_URI")
 
 
 def _check_model(cfg: Config) -> None:
@@ -115,6 +122,12 @@ def check_config(cfg: Config, need_weights: bool = True, training: bool = True) 
                 storage.check_location(location, name)
             except ValueError as e:
                 raise ConfigError(str(e)) from e
+    if local_tracking_store(cfg) and storage.is_uri(cfg.exp.output_dir):
+        raise ConfigError(
+            f"exp.tracking={cfg.exp.tracking} keeps MLflow's local store in "
+            f"<exp.output_dir>/mlruns, a folder, but exp.output_dir={cfg.exp.output_dir} is a URI: "
+            "set $MLFLOW_TRACKING_URI to a tracking server, or exp.tracking=tensorboard"
+        )
     if need_weights:
         for name, location in weight_files(cfg).items():
             if location and not storage.exists(location):

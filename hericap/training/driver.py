@@ -34,7 +34,7 @@ from hericap.data.transforms import resize_spec
 from hericap.evaluation.diversity import caption_fingerprints
 from hericap.runtime.cluster import check_resources, check_shared_locations
 from hericap.runtime.datasets import run_on_ray, shard_dataset
-from hericap.runtime.preflight import check_config, weight_files
+from hericap.runtime.preflight import check_config, local_tracking_store, weight_files
 from hericap.training.loop import train_loop_per_worker
 from hericap.training.phases import configured_phases
 from hericap.training.run_logs import write_run_logs
@@ -90,6 +90,10 @@ def check_cluster(cfg: Config) -> None:
     if not cfg.exp.resume:
         locations.update(weight_files(cfg))
         locations["exp.checkpoint"] = cfg.exp.checkpoint  # a warm start's weights
+    if local_tracking_store(cfg):  # rank 0, on any node, writes MLflow's local store
+        locations["exp.output_dir (MLflow's local store; or set $MLFLOW_TRACKING_URI)"] = (
+            cfg.exp.output_dir
+        )
     if seed_layout(cfg) and not storage.exists(storage.join(shards, MANIFEST_NAME)):
         locations["dataset.root"] = cfg.dataset.root  # its images are read by Ray tasks
     check_shared_locations(locations, "training")
