@@ -1,8 +1,10 @@
 """The captioning endpoint with dynamic batching vs ``max_batch_size=1``: same model, same
 replica count, same client load, one run.
 
-Serves an untrained ``demo``-sized model (the timing does not depend on training) on a local
-Ray cluster at 127.0.0.1: both configurations run side by side as two Serve applications, one
+Serves an untrained model of ``--preset`` (default ``demo``; the timing does not depend on
+training) on a local Ray cluster at 127.0.0.1, on the CPU or, with ``--replica-gpus``, on a GPU
+(``benchmarks/gpu_check.sh``: the ``paper`` model, both replicas sharing one GPU): both
+configurations run side by side as two Serve applications, one
 replica each, and take turns under load, ``--rounds`` rounds of ``--requests / --rounds`` JPEG
 requests (real photos from ``skimage.data``) from ``--concurrency`` client threads. Taking
 turns keeps the comparison fair on a machine whose speed drifts by tens of percent within
@@ -11,7 +13,7 @@ times the model alone (no HTTP, no Ray) at batch 1 and at the batch size, whose 
 batching gives the model itself. Prints one JSON object on its last line.
 
     python benchmarks/bench_serve.py [--requests 400] [--rounds 4] [--concurrency 16]
-        [--max-batch-size N] [--batch-wait-ms MS]
+        [--max-batch-size N] [--batch-wait-ms MS] [--preset demo] [--replica-gpus 0]
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ def _photos() -> list[bytes]:
     return out
 
 
-def _checkpoint(folder: Path) -> Path:
-    cfg = load_config(["preset=demo"])
+def _checkpoint(folder: Path, preset: str = "demo") -> str:
+    cfg = load_config([f"preset={preset}"])
     words = [
         "a",
         "an",
@@ -161,6 +163,7 @@ def _deploy(ckpt: Path, args: argparse.Namespace) -> dict[str, str]:
                 "max_batch_size": batch,
                 "batch_wait_timeout_s": args.batch_wait_ms / 1000,
                 "num_cpus": args.replica_cpus,
+                "num_gpus": args.replica_gpus,
                 "torch_threads": max(1, int(args.replica_cpus)),
             }
         )
@@ -178,6 +181,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-wait-ms", type=float, default=1000 * DEFAULTS["batch_wait_timeout_s"])
     p.add_argument("--beam-size", type=int, default=3)
     p.add_argument("--replica-cpus", type=float, default=1.0)
+    p.add_argument(
+        "--replica-gpus", type=float, default=0.0, help="GPUs per replica (0.5: both on one GPU)"
+    )
+    p.add_argument("--preset", default="demo", help="the model served (untrained)")
     args = p.parse_args(argv)
     from ray import serve
 
@@ -187,9 +194,11 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict[str, list[tuple]] = {name: [] for name in names}
     ratios = []
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = _checkpoint(Path(tmp))
+        ckpt = _checkpoint(Path(tmp), args.preset)
         try:
-            posters = {name: _poster(url, photos) for name, url in _deploy(ckpt, args).items()}
+            urls = _deploy(ckpt, args)
+            posters = {name: _poster(url, photos) for name, url in urls.items()}
+            device = requests.get(f"{urls['batched']}/healthz", timeout=600).json()["device"]
             for name in names:  # warm-up
                 _round(posters[name], args.concurrency, args.concurrency)
             per_round = max(args.concurrency, args.requests // args.rounds)
@@ -208,6 +217,9 @@ def main(argv: list[str] | None = None) -> dict:
         print("model only", model_only, flush=True)
     b, u = (_figures(walls[name], results[name]) for name in names)
     result = {
+        "preset": args.preset,
+        "device": device,
+        "replica_gpus": args.replica_gpus,
         "concurrency": args.concurrency,
         "requests": len(results["batched"]),
         "rounds": args.rounds,

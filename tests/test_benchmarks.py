@@ -83,3 +83,15 @@ def test_bench_serve_runs_both_configurations(ray_cluster, capsys):
     assert out["batched"]["errors"] == 0 and out["unbatched"]["errors"] == 0
     assert out["requests"] >= 2 and len(out["round_ratios"]) == 1
     assert {"throughput_ratio", "p99_ratio", "model_only"} <= set(out)
+    assert out["device"] == "cpu" and out["preset"] == "demo"
+
+
+def test_bench_gpu_runs_xe_and_scst_steps_at_toy_size_on_cpu(capsys):
+    """What benchmarks/gpu_check.sh runs at paper size on a GPU, here on the CPU at toy size
+    (the Serve half of the GPU check is bench_serve.py, tested above)."""
+    argv = ["--device", "cpu", "--preset", "tiny", "--batch-size", "2", "--steps", "1"]
+    out = _run("bench_gpu", [*argv, "--warmup", "1", "--overrides", "decode.max_len=6"], capsys)
+    assert out["device"] == "cpu" and out["gpu"] is None and out["image_size"] == [64, 64]
+    for section in ("xe", "scst"):
+        assert out[section]["steps_per_s"] > 0 and out[section]["batch_size"] == 2
+        assert out[section]["peak_memory_gb"] is None  # measured on CUDA only

@@ -99,3 +99,36 @@ def test_runtime_env_is_shared_and_entrypoints_exist():
     for line in (CLUSTER / "aws.yaml").read_text().splitlines():
         for path in re.findall(r"python (jobs/\S+\.py)", line):
             assert (REPO / path).is_file(), path
+
+
+def _documented_command(name: str) -> list[str]:
+    """The training command a config's header comment shows (continuation lines joined), from
+    its script on."""
+    lines = []
+    for line in (CLUSTER / name).read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    text = " ".join(lines).replace("\\ ", " ")
+    words = shlex.split(text[text.index("python jobs/train_caption.py") :])
+    end = next((i for i, w in enumerate(words) if w.startswith("#") or w == "The"), len(words))
+    return words[1:end]
+
+
+def test_every_config_trains_one_command_with_every_location_in_s3():
+    """The RayJob's entrypoint is the command the RayCluster and AWS configs document (the
+    multi-node test runs it on a real multi-node cluster); on a multi-node cluster every location
+    it names is a URI (a local path would be refused), and the RayService serves what it keeps."""
+    entry = shlex.split(_yaml("kuberay/rayjob.yaml")["spec"]["entrypoint"])
+    job_args = entry[2:]
+    for name in ("kuberay/raycluster.yaml", "aws.yaml"):
+        script, *args = _documented_command(name)
+        assert script == "jobs/train_caption.py" and args == job_args, name
+    cfg = load_config(job_args)
+    for key in ("dataset.shard_dir", "exp.storage_path", "exp.output_dir"):
+        section, field = key.split(".")
+        assert getattr(getattr(cfg, section), field).startswith("s3://BUCKET/"), key
+    serve_config = yaml.safe_load(_yaml("kuberay/rayservice.yaml")["spec"]["serveConfigV2"])
+    (app,) = serve_config["applications"]
+    assert app["args"]["checkpoint"] == f"{cfg.exp.storage_path}/best"
+    assert app["args"]["num_gpus"] >= 1

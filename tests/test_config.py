@@ -164,6 +164,73 @@ def test_presets_extend_their_base():
     )
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        # registry names: found here, not inside the Ray workers after the cluster started
+        (["model.cap_generator.decoder_name=Paralel"], r"decoder_name='Paralel'.*Parallel"),
+        (["model.grid_layer_type=routng"], r"grid_layer_type='routng'.*routing"),
+        (["model.extractor.stem=cnv"], r"stem='cnv'.*conv"),
+        (["model.cap_generator.activation=gelu2"], r"activation='gelu2'"),
+        (["dataset.name=cocoo"], r"dataset.name='cocoo'.*coco_captions"),
+        # ranges, shapes and divisibility
+        (["model.frozen_stages=3"], r"frozen_stages=3 must be in \[-1, 2\]"),
+        (["model.extractor.num_heads=[3,4]"], r"32 channels.*num_heads=3"),
+        (["dataset.image_size=68"], r"image_size.*68.*stride 8"),
+        (["model.dropout=1.5"], r"model.dropout=1.5 must be in \[0, 1\)"),
+        (["optimizer.beta_2=1.0"], r"beta_2=1.0 must be in \[0, 1\)"),
+        (["exp.seed=-1"], r"exp.seed=-1"),
+        (["exp.max_failures=-2"], r"max_failures=-2 must be >= -1"),
+        (["optimizer.finetune_xe_epochs=0", "optimizer.finetune_sc_epochs=0"], "no training"),
+        (["exp.resume=True", "exp.overwrite=True"], "set one of them"),
+        # locations: a URI that lost its slashes (what Path does to s3://) is not a folder
+        (["dataset.shard_dir=s3:/bucket/coco"], r"s3://bucket/coco"),
+        (["exp.name=a/b"], "plain folder name"),
+    ],
+)
+def test_every_value_is_checked_before_anything_starts(overrides, message):
+    from hericap.runtime.preflight import check_config
+
+    with pytest.raises(ConfigError, match=message):
+        check_config(load_config(["preset=demo", *overrides], validate=False))
+
+
+def test_preflight_passes_every_shipped_preset_and_weight_files_must_exist(tmp_path):
+    from hericap.runtime.preflight import check_config
+
+    for preset in list_presets():
+        check_config(load_config([f"preset={preset}"]))
+    missing = load_config(["preset=demo", f"model.extractor.checkpoint={tmp_path}/swin.pth"])
+    with pytest.raises(FileNotFoundError, match=r"model\.extractor\.checkpoint=.*swin\.pth"):
+        check_config(missing)
+    check_config(missing, need_weights=False)  # a checkpoint's own config never reads them
+
+
+def test_the_cli_refuses_a_bad_config_and_a_previous_run_before_ray_starts(
+    tmp_path, monkeypatch, capsys
+):
+    """A typo fails at once (not after the cluster, the data and max_failures worker restarts);
+    a run whose outputs exist is an error naming exp.resume and exp.overwrite, and nothing of it
+    is deleted."""
+    import hericap.runtime.cluster as cluster
+    from hericap.cli import main
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(cluster, "init_ray", no_ray)
+    base = ["train", "preset=demo", f"exp.output_dir={tmp_path}", "exp.name=x"]
+    assert main([*base, "model.cap_generator.decoder_name=Paralel"]) == 2
+    assert "Paralel" in capsys.readouterr().err
+    previous = tmp_path / "x" / "runs" / "best" / "meta.json"
+    previous.parent.mkdir(parents=True)
+    previous.write_text('{"val_CIDEr": 1.0}')
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "exp.resume=True" in err and "exp.overwrite=True" in err and str(previous.parent) in err
+    assert previous.read_text() == '{"val_CIDEr": 1.0}'
+
+
 def test_the_configuration_reference_is_current_and_describes_every_key():
     """docs/configuration.md is generated from the schema; regenerate it with
     `python -m hericap.config.reference > docs/configuration.md` after changing a key."""

@@ -302,3 +302,143 @@ def test_real_coco_val2017_caption_file_parses(realdata, tmp_path):
     assert len(records) == 5000
     assert sum(len(r.captions) for r in records) == 25_014
     assert all(r.captions for r in records)
+
+
+# ---- several COCO-format caption files as one dataset ---------------------------------------
+
+
+def _coco_files(root: Path) -> dict[str, Path]:
+    """captions_train.json (3 images) and captions_val.json (4 images, to be split into val and
+    test by two lists), images in train/ and val/. 'zebra' is a word of val/test captions only."""
+    out = {}
+    for split, ids in (("train", (1, 2, 3)), ("val", (10, 11, 12, 13))):
+        folder = root / split
+        folder.mkdir(parents=True)
+        images, annotations = [], []
+        for i in ids:
+            (folder / f"{i:012d}.jpg").write_bytes(_jpeg((20 * i % 255, 40, 90)))
+            images.append({"id": i, "file_name": f"{i:012d}.jpg"})
+            words = "a red square" if split == "train" else "a zebra"
+            annotations += [{"image_id": i, "caption": f"{words} {n}"} for n in range(2)]
+        out[split] = root / f"captions_{split}.json"
+        out[split].write_text(json.dumps({"images": images, "annotations": annotations}))
+    (root / "val.txt").write_text("10\n11\n")
+    (root / "test.txt").write_text("000000000012.jpg\n13\n")
+    return out
+
+
+@pytest.mark.ray
+def test_one_prepare_call_builds_train_val_test_from_several_caption_files(
+    ray_cluster, tmp_path, capsys
+):
+    from hericap.cli import main
+
+    files = _coco_files(tmp_path / "raw")
+    out = tmp_path / "coco"
+    argv = ["prepare", "coco_captions", "--out", str(out), "--min-count", "1"]
+    argv += ["--split", f"train={files['train']}", "--images", f"train={tmp_path / 'raw/train'}"]
+    for split in ("val", "test"):
+        argv += [
+            "--split",
+            f"{split}={files['val']}",
+            "--images",
+            f"{split}={tmp_path / 'raw/val'}",
+        ]
+        argv += ["--split-list", f"{split}={tmp_path / 'raw' / f'{split}.txt'}"]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert printed["counts"] == {"train": 3, "val": 2, "test": 2}
+    m = read_manifest(out, verify=True)
+    assert m.splits == ["train", "val", "test"] and m.vocab_file == "vocab.json"
+    ids = {s: sorted(r["image_id"] for r in read_rows(m.files(s))) for s in m.splits}
+    assert ids == {"train": ["1", "2", "3"], "val": ["10", "11"], "test": ["12", "13"]}
+    vocab = Vocabulary.load(m.vocab_path)
+    assert "red" in vocab.stoi and "zebra" not in vocab.stoi  # from the train split only
+    # the same image in two splits is an error, not a leak
+    (tmp_path / "raw" / "test.txt").write_text("10\n")
+    assert main([*argv[:4], "--out", str(tmp_path / "again"), *argv[6:]]) == 2
+
+
+def test_adding_a_split_keeps_the_others_and_preparing_over_them_is_refused(moto_server, tmp_path):
+    """In S3: a dataset of train + val, then test added (--add): one manifest with all three,
+    the vocabulary of the train split kept; preparing test alone over it without --add would
+    drop train and val, and is refused with nothing changed."""
+    import boto3
+
+    from hericap.data.readers import SplitSource, read_splits
+
+    boto3.client("s3", endpoint_url=moto_server).create_bucket(Bucket="multi")
+    files = _coco_files(tmp_path / "raw")
+    raw = tmp_path / "raw"
+    uri = "s3://multi/coco"
+    first = read_splits(
+        "coco_captions",
+        [
+            SplitSource("train", str(files["train"]), str(raw / "train")),
+            SplitSource("val", str(files["val"]), str(raw / "val"), str(raw / "val.txt")),
+        ],
+    )
+    before = prepare_records(first, uri, "coco_captions", min_count=1, progress=False)
+    test = read_splits(
+        "coco_captions",
+        [SplitSource("test", str(files["val"]), str(raw / "val"), str(raw / "test.txt"))],
+    )
+    with pytest.raises(FileExistsError, match=r"would drop \['train', 'val'\].*--add"):
+        prepare_records(test, uri, "coco_captions", min_count=1, progress=False)
+    assert read_manifest(uri).counts == before.counts == {"train": 3, "val": 2}
+    added = prepare_records(test, uri, "coco_captions", min_count=1, progress=False, add=True)
+    back = read_manifest(uri, verify=True)
+    assert back.counts == added.counts == {"train": 3, "val": 2, "test": 2}
+    assert back.shards[:2] == before.shards  # the first splits' shards, untouched
+    assert Vocabulary.load(back.vocab_path) == Vocabulary.load(before.vocab_path)
+    with pytest.raises(FileExistsError, match=r"already holds split\(s\) \['test'\]"):
+        prepare_records(test, uri, "coco_captions", min_count=1, progress=False, add=True)
+
+
+def test_training_on_a_seed_dataset_without_shards_prepares_them_from_dataset_root(tmp_path):
+    """dataset.root is what the seed read its raw files from (DATA_ROOT): a run on flickr8k whose
+    shards are missing prepares them from there, in the seed's layout."""
+    from hericap.config import load_config
+    from hericap.data.catalog import ensure_shards
+
+    _flickr_folder(tmp_path / "data" / "flickr8K")
+    cfg = load_config(
+        [
+            "preset=demo",
+            "dataset.name=flickr8k",
+            f"dataset.root={tmp_path / 'data'}",
+            f"dataset.shard_dir={tmp_path / 'shards'}",
+            "dataset.vocab_min_count=1",
+        ]
+    )
+    m = ensure_shards(cfg)
+    assert m.counts == {"train": 4, "val": 1, "test": 1} and m.source == "flickr8k"
+    assert read_manifest(tmp_path / "shards").counts == m.counts
+    cfg.dataset.root = str(tmp_path / "nowhere")
+    cfg.dataset.shard_dir = str(tmp_path / "none")
+    with pytest.raises(FileNotFoundError, match=r"dataset_flickr8k\.json under dataset.root"):
+        ensure_shards(cfg)
+
+
+def test_raw_files_in_s3_become_shards_in_s3(moto_server, tmp_path):
+    """Nothing local: the annotation file and the images are read from a bucket, the shards go
+    to one; the same skips and normalisations as from a folder."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=moto_server)
+    s3.create_bucket(Bucket="raw")
+    ann = _flickr_folder(tmp_path / "flickr8K")
+    for path in sorted(p for p in (tmp_path / "flickr8K").rglob("*") if p.is_file()):
+        s3.put_object(
+            Bucket="raw",
+            Key=f"f8k/{path.relative_to(tmp_path / 'flickr8K')}",
+            Body=path.read_bytes(),
+        )
+    records = read_karpathy(f"s3://raw/f8k/{ann.name}", "s3://raw/f8k/images", "flickr8k")
+    assert records[0].path == "s3://raw/f8k/images/good.jpg"
+    m = prepare_records(records, "s3://raw/shards", "flickr8k", min_count=1, progress=False)
+    assert m.counts == {"train": 4, "val": 1, "test": 1}
+    report = json.loads(s3.get_object(Bucket="raw", Key="shards/report.json")["Body"].read())
+    reasons = {s["file"]: s["reason"] for s in report["skipped"] if "caption_index" not in s}
+    assert reasons["missing.jpg"] == "missing image file"
+    assert reasons["empty.jpg"] == "empty file (0 bytes)"

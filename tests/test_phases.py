@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from hericap.config import load_config
@@ -86,4 +88,4 @@ def test_plot_names_a_folder_that_is_not_a_run(tmp_path):
         tmp_path / "metrics.csv",
         [{"epoch": 0, "step": 5, "train_loss": 3.0, "val_CIDEr": 0.2, "lr": 1e-3}],
     )
-    assert plot_run(tmp_path).is_file()
+    assert Path(plot_run(tmp_path)).is_file()

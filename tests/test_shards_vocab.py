@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -48,7 +49,7 @@ def test_prepare_is_byte_identical_for_same_seed(tmp_path):
 
 def test_corrupted_shard_is_detected(tmp_path):
     m = prepare_synthetic(tmp_path, 10, 2, 2, shard_rows=5, progress=False)
-    path = m.root / m.shards[0]["file"]
+    path = Path(m.root) / m.shards[0]["file"]
     path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(RuntimeError, match="checksum"):
         read_manifest(tmp_path, verify=True)

@@ -8,6 +8,7 @@ import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -202,6 +203,11 @@ def test_asking_for_missing_gpus_is_a_clear_error(ray_cluster, tiny_shards, tmp_
     )
     with pytest.raises(RuntimeError, match=r"exp\.ngpus_per_node=0"):
         train(cfg)
+    # CPU bundles too, each on one node: 2 workers of 3 CPUs do not fit a 4-CPU node (Ray
+    # would wait for them forever)
+    cfg = load_config([*TINY, "exp.world_size=2", "exp.cpus_per_worker=3"])
+    with pytest.raises(RuntimeError, match=r"2 x \(3 CPU\).*hold 1"):
+        train(cfg)
 
 
 def _checkpoints(run_storage) -> dict[int, dict[str, torch.Tensor]]:
@@ -225,6 +231,12 @@ def test_four_phases_freeze_then_finetune_under_ddp_with_accumulation(
     from hericap.models.builder import build_captioner
     from hericap.training.driver import train
 
+    # a previous run of the same name, replaced on purpose (exp.overwrite=True): its checkpoint
+    # and its kept best (a score no run of this test reaches) must not survive
+    previous = tmp_path / "phases" / "runs"
+    for name in ("train/checkpoint_old", "best"):
+        (previous / name).mkdir(parents=True)
+        (previous / name / "meta.json").write_text('{"epoch": 9, "val_CIDEr": 999.0}')
     cfg = _shard_run_config(
         "phases",
         tmp_path,
@@ -245,8 +257,10 @@ def test_four_phases_freeze_then_finetune_under_ddp_with_accumulation(
         "exp.log_every_steps=1",
         "decode.max_len=6",
         "optimizer.ema_decay=0.5",
+        "exp.overwrite=True",
     )
     outcome = train(cfg)
+    assert outcome.best_metrics["val_CIDEr"] == max(h["val_CIDEr"] for h in outcome.history)
     # 64 images / (2 workers x 8) = 4 batches per epoch = 2 optimiser steps
     assert [h["phase_name"] for h in outcome.history] == [
         "freezing_xe",
@@ -264,7 +278,7 @@ def test_four_phases_freeze_then_finetune_under_ddp_with_accumulation(
         assert sc["sc_baseline"] == "leave_one_out" and sc["sc_include_eos"]
         # the mean CIDEr-D of sampled captions: above 0 (some words match), at most 10
         assert 0.0 < sc["train_reward"] <= 10.0 and sc["lr"] == pytest.approx(1e-4)
-    latest = json.loads((outcome.latest_checkpoint / "meta.json").read_text())
+    latest = json.loads((Path(outcome.latest_checkpoint) / "meta.json").read_text())
     assert latest["phase"] == "sc"
     state = load_checkpoint(outcome.latest_checkpoint).training_state()
     assert state["phase"] == "finetune_sc" and state["epoch"] == 3
@@ -292,7 +306,7 @@ def test_four_phases_freeze_then_finetune_under_ddp_with_accumulation(
     from hericap.evaluation.diversity import caption_fingerprints, diversity_scores
 
     assert state["ema"] == {"decay": 0.5, "updates": 8}
-    averaged = torch.load(outcome.latest_checkpoint / "model.pt", weights_only=True)
+    averaged = torch.load(Path(outcome.latest_checkpoint) / "model.pt", weights_only=True)
     assert any(not torch.equal(state["raw_model"][k], averaged[k]) for k in decoder)
     assert all(h["ema_decay"] == 0.5 for h in outcome.history)
     best = load_checkpoint(outcome.best_checkpoint)
@@ -363,9 +377,9 @@ def test_resume_from_s3_gives_the_weights_of_a_straight_run(
         return train(_shard_run_config("stopped", tmp_path, tiny_shards, *more, *extra))
 
     first = stopped("exp.steps_per_run=40", "exp.checkpoint_every_steps=35")
-    latest = json.loads((first.latest_checkpoint / "meta.json").read_text())
+    latest = json.loads((Path(first.latest_checkpoint) / "meta.json").read_text())
     assert latest["mid_epoch"] and latest["step"] == 40 and latest["epoch"] == 1
-    assert (first.latest_checkpoint / "training_state.pt").is_file()  # a local copy
+    assert (Path(first.latest_checkpoint) / "training_state.pt").is_file()  # a local copy
     assert [h["epoch"] for h in first.history] == [0]  # epoch 2 not finished yet
     keys = bucket_keys()
     assert any(k.startswith("hericap/train/checkpoint_") and k.endswith("/model.pt") for k in keys)
@@ -378,8 +392,10 @@ def test_resume_from_s3_gives_the_weights_of_a_straight_run(
     assert resumed.history[1]["attempt"] == 2
 
     a = _checkpoints(tmp_path / "straight" / "runs" / "train")[1]
-    b = torch.load(resumed.latest_checkpoint / "model.pt", map_location="cpu", weights_only=True)
-    assert json.loads((resumed.latest_checkpoint / "meta.json").read_text())["epoch"] == 1
+    b = torch.load(
+        Path(resumed.latest_checkpoint) / "model.pt", map_location="cpu", weights_only=True
+    )
+    assert json.loads((Path(resumed.latest_checkpoint) / "meta.json").read_text())["epoch"] == 1
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, different[:5]

@@ -8,10 +8,12 @@ from hericap.checkpoint.folder import (
     CONFIG_FILE,
     META_FILE,
     MODEL_FILE,
+    REQUIRED_FILES,
     STATE_FILE,
     VOCAB_FILE,
     LoadedCheckpoint,
     load_checkpoint,
+    read_checkpoint_files,
     save_checkpoint,
 )
 
@@ -19,9 +21,11 @@ __all__ = [
     "CONFIG_FILE",
     "META_FILE",
     "MODEL_FILE",
+    "REQUIRED_FILES",
     "STATE_FILE",
     "VOCAB_FILE",
     "LoadedCheckpoint",
     "load_checkpoint",
+    "read_checkpoint_files",
     "save_checkpoint",
 ]

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ from hericap.checkpoint.folder import (
     save_checkpoint,
 )
 from hericap.config.loader import to_dict
+from hericap.data import storage
 from hericap.models.weights import diff_state
 
 __all__ = ["PLACEMENT_KEYS", "average_checkpoints", "config_differences"]
@@ -97,7 +98,7 @@ def _state_differences(first: dict[str, torch.Tensor], other: dict[str, torch.Te
 
 
 def _check_compatible(
-    paths: list[Path], allow_different: Sequence[str]
+    paths: list[str], allow_different: Sequence[str]
 ) -> tuple[Any, Any, list[dict[str, torch.Tensor]]]:
     """(config, vocabulary, states) of the first checkpoint and all states, after checking that
     every checkpoint matches the first; the error lists every difference found."""
@@ -148,29 +149,33 @@ def _mean(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _source(path: Path) -> dict[str, Any]:
-    meta_file = path / META_FILE
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+def _source(path: str) -> dict[str, Any]:
+    try:
+        meta = json.loads(storage.read_text(storage.join(path, META_FILE)))
+    except FileNotFoundError:
+        meta = {}
     keys = ("phase", "phase_name", "epoch", "step", "val_CIDEr", "ema_decay")
-    return {"path": str(path.resolve()), **{k: meta.get(k) for k in keys if k in meta}}
+    return {"path": path, **{k: meta.get(k) for k in keys if k in meta}}
 
 
 def average_checkpoints(
-    checkpoints: Sequence[str | Path], out: str | Path, allow_different: Sequence[str] = ()
-) -> Path:
+    checkpoints: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    allow_different: Sequence[str] = (),
+) -> str:
     """Write the average of ``checkpoints`` as a checkpoint folder at ``out``.
 
     Raises:
         ValueError: fewer than two checkpoints, ``out`` is not empty, or they differ (listed).
         FileNotFoundError: one is not a checkpoint folder.
     """
-    paths = [Path(c) for c in checkpoints]
+    paths = [storage.resolve(c) for c in checkpoints]  # folders or URIs
     if len(paths) < 2:
         raise ValueError(f"averaging needs at least two checkpoints, got {len(paths)}")
-    if len({p.resolve() for p in paths}) != len(paths):
+    if len(set(paths)) != len(paths):
         raise ValueError("a checkpoint is named twice; each counts once in the average")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    out = storage.resolve(out)
+    if storage.listdir(out):
         raise ValueError(f"--out {out} is not empty; choose a new folder")
     config, vocab, states = _check_compatible(paths, allow_different)
     sources = [_source(p) for p in paths]

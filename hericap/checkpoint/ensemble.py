@@ -13,8 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from hericap.checkpoint.folder import LoadedCheckpoint, load_checkpoint
 from hericap.config.schema import Config
+from hericap.data import storage
 from hericap.data.text import Vocabulary
 from hericap.data.transforms import resize_spec
 from hericap.models.captioner import Captioner
@@ -46,7 +49,7 @@ def split_checkpoints(value: str | Path | Sequence[str | Path]) -> list[str]:
             f"exp.checkpoint={value!r}: name one checkpoint folder, or several separated by "
             f"'{CHECKPOINT_SEPARATOR}' for an ensemble (exp.checkpoint=A,B), without empty entries"
         )
-    resolved = [Path(p).resolve() for p in paths]
+    resolved = [storage.resolve(p) for p in paths]  # folders or URIs
     if len(set(resolved)) != len(resolved):
         raise ValueError(
             f"exp.checkpoint={value!r} names a folder twice; an ensemble of a model with itself "
@@ -91,7 +94,9 @@ def _check_compatible(members: Sequence[LoadedCheckpoint]) -> None:
             )
 
 
-def load_models(paths: str | Path | Sequence[str | Path], device: str = "cpu") -> LoadedModels:
+def load_models(
+    paths: str | Path | Sequence[str | Path], device: str | torch.device = "cpu"
+) -> LoadedModels:
     """Load ``paths`` (``"A,B"`` or a list) as one model: the checkpoint itself for one path, a
     log-prob-averaging ensemble for several.
 

@@ -214,7 +214,7 @@ def import_research_checkpoint(
             "fresh": fresh,
         },
     }
-    folder = save_checkpoint(out, model, cfg, vocabulary, meta)
+    folder = Path(save_checkpoint(out, model, cfg, vocabulary, meta))
     (folder / VOCAB_FILE).write_bytes(vocab_bytes)  # the vocabulary file exactly as given
     report = ImportReport(folder, kind, sha256, mapping.mapped, mapping.dropped, fresh)
     for why, n in Counter(mapping.dropped.values()).items():

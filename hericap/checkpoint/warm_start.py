@@ -11,13 +11,14 @@ a run like any trained one, e.g. to SCST-finetune GRIT's published model.
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
-from pathlib import Path
 
 import torch
 
 from hericap.checkpoint.folder import MODEL_FILE, read_config_and_vocab
 from hericap.config.schema import Config
+from hericap.data import storage
 from hericap.data.text import Vocabulary
 from hericap.data.transforms import resize_spec
 from hericap.models.weights import diff_state
@@ -58,9 +59,13 @@ def check_warm_start(cfg: Config) -> Vocabulary:
         model = build_captioner(
             cfg.model, len(vocab), resize_spec(cfg.dataset).model_size, load_pretrained=False
         )
-    state = torch.load(
-        Path(cfg.exp.checkpoint) / MODEL_FILE, map_location="meta", weights_only=True, mmap=True
-    )
+    weights = storage.join(storage.resolve(cfg.exp.checkpoint), MODEL_FILE)
+    if storage.is_uri(weights):  # an object store: read, then only shapes are kept
+        state = torch.load(
+            io.BytesIO(storage.read_bytes(weights)), map_location="meta", weights_only=True
+        )
+    else:  # a local file: memory-mapped, nothing read but the shapes
+        state = torch.load(weights, map_location="meta", weights_only=True, mmap=True)
     diff = diff_state(model.state_dict(), state)
     if not diff.clean:
         raise ValueError(

@@ -42,7 +42,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args)
-    except (ConfigError, NotEnoughResourcesError, FileNotFoundError, ValueError) as e:
+    except (
+        ConfigError,
+        NotEnoughResourcesError,
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+    ) as e:
         logger.error("%s", e)
         return EXIT_USER_ERROR
 

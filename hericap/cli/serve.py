@@ -35,6 +35,7 @@ def _serve_args(args: argparse.Namespace) -> dict:
         "max_batch_size": args.max_batch_size,
         "batch_wait_timeout_s": None if args.batch_wait_ms is None else args.batch_wait_ms / 1000,
         "num_cpus": args.replica_cpus,
+        "num_gpus": args.replica_gpus,
         "collapse_repeats": True if args.collapse_repeats else None,
         **_given_controls(args, BEAM_CONTROLS),
     }
@@ -58,7 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         path = write_serve_config(args.write_config, serve_args, args.host, args.port)
         print(f"wrote {path}: `serve deploy {path}` runs it on a cluster")
         return 0
-    url = start(serve_args, args.host, args.port)
+    url = start(serve_args, args.host, args.port, address=args.ray_address)
     print(f"serving {serve_args['checkpoint']} at {url} (POST /caption, GET /healthz, /docs)")
     print(f"open {url}/ in a browser to caption an image and see where the model looks")
     try:
@@ -69,8 +70,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    """Caption image files with a checkpoint (no Ray), all of them as one batch; optionally
-    draw attention maps."""
+    """Caption image files (local paths or URIs) with a checkpoint (a folder or a URI; no Ray),
+    all of them as one batch, on CUDA when present, else the CPU; optionally draw attention
+    maps."""
+    from hericap.data import storage
     from hericap.serve.images import ImageLimits, UploadRejectedError, open_upload
     from hericap.serve.service import CaptionService
 
@@ -82,11 +85,13 @@ def cmd_caption(args: argparse.Namespace) -> int:
         decode=_given_controls(args, BEAM_CONTROLS + SAMPLING_CONTROLS),
         sample=args.sample,
         seed=args.seed,
+        device=args.device,
     )
+    logger.info("captioning on %s", service.torch_device)
     paths, images, failures = [], [], 0
     for path in args.images:
         try:
-            images.append(open_upload(Path(path).read_bytes(), ImageLimits()))
+            images.append(open_upload(storage.read_bytes(path), ImageLimits()))
             paths.append(path)
         except (OSError, UploadRejectedError) as e:
             logger.error("%s: %s", path, e)
@@ -149,26 +154,31 @@ def _add_controls(parser: argparse.ArgumentParser, sampling: bool) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``serve``, ``caption`` commands."""
     se = sub.add_parser("serve", help="Ray Serve HTTP captioning endpoint (127.0.0.1)")
-    se.add_argument("--checkpoint", default=None, help="a checkpoint folder")
-    se.add_argument("--best", default=None, help="a sweep folder: serve its exported best/")
+    se.add_argument("--checkpoint", default=None, help="a checkpoint folder or URI (s3://...)")
+    se.add_argument("--best", default=None, help="a sweep folder or URI: serve its best/")
     se.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     se.add_argument("--port", type=int, default=8000)
     se.add_argument("--replicas", type=int, default=1, help="replicas (autoscaling: minimum)")
     se.add_argument("--max-replicas", type=int, default=0, help="> 0: autoscale up to this")
     # left out: the application's defaults (DEFAULTS in hericap/serve/app.py; README, "Serving")
     se.add_argument("--replica-cpus", type=float, default=None, help="CPUs per replica")
+    se.add_argument(
+        "--replica-gpus", type=float, default=None, help="GPUs per replica (it decodes there)"
+    )
     se.add_argument("--max-batch-size", type=int, default=None, help="@serve.batch size")
     se.add_argument("--batch-wait-ms", type=float, default=None, help="@serve.batch wait")
     se.add_argument("--beam-size", type=int, default=None)
     se.add_argument("--n-best", type=int, default=None, help="beams returned per image")
     se.add_argument("--write-config", default=None, help="write a `serve deploy` YAML and exit")
+    se.add_argument("--ray-address", default=None, help="Ray cluster (default: local)")
     _add_controls(se, sampling=False)
     se.set_defaults(func=cmd_serve)
 
     ca = sub.add_parser("caption", help="caption image files with a checkpoint")
     ca.add_argument("images", nargs="+", help="image files")
-    ca.add_argument("--checkpoint", required=True, help="a checkpoint folder")
+    ca.add_argument("--checkpoint", required=True, help="a checkpoint folder or URI (s3://...)")
     ca.add_argument("--beam-size", type=int, default=5)
+    ca.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
     ca.add_argument("--n-best", type=int, default=1, help="captions per image, best first")
     ca.add_argument(
         "--json", action="store_true", help="one JSON line per image: captions, ids, log-probs"

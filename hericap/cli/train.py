@@ -6,24 +6,30 @@ import argparse
 import json
 import logging
 import time
-from pathlib import Path
 
 from hericap.cli.common import config_from, overrides_help
 from hericap.config.loader import ConfigError, from_dict, load_config
 from hericap.config.schema import Config
+from hericap.data import storage
 
 logger = logging.getLogger(__name__)
 
 
 def _train_and_test(cfg, skip_test: bool = False, compare_xe: bool = False) -> dict | None:
     """Train, then score the best checkpoint on the test split. With ``compare_xe`` and SCST
-    epochs, the best XE checkpoint is scored too (under ``report["xe"]``)."""
+    epochs, the best XE checkpoint is scored too (under ``report["xe"]``). The config, the
+    CLIP set-up and the run's previous outputs are checked before Ray starts."""
     from hericap.evaluation.clip_score import check_clip_setup
     from hericap.evaluation.coco_metrics import CocoScorer
     from hericap.runtime.batch_eval import evaluate_checkpoint
     from hericap.runtime.cluster import ray_session
+    from hericap.runtime.preflight import check_config
     from hericap.training.driver import train
+    from hericap.training.run_storage import claim_run
 
+    check_config(cfg, need_weights=not cfg.exp.resume)
+    if not cfg.exp.overwrite:  # overwriting deletes: only once the cluster checks passed
+        claim_run(cfg)
     if not skip_test:  # a CLIP set-up that cannot work fails now, not after training
         check_clip_setup(cfg.evaluation.clip_checkpoint, cfg.evaluation.clip_model)
     with ray_session(cfg.exp.ray_address, cfg.exp.ray_num_cpus):
@@ -48,7 +54,7 @@ def _train_and_test(cfg, skip_test: bool = False, compare_xe: bool = False) -> d
                     cfg,
                     outcome.best_xe_checkpoint,
                     "test",
-                    out_dir=Path(cfg.run_dir) / "xe",
+                    out_dir=storage.join(cfg.run_dir, "xe"),
                     with_oracle=False,  # the same references: the oracle is the report's
                     scorer=scorer,
                 )
@@ -121,6 +127,7 @@ def eval_config(overrides: list[str]) -> tuple[Config, list[str]]:
     """The config of an eval command line and the checkpoint folders it scores:
     ``exp.checkpoint=A`` or, for a log-prob-averaging ensemble, ``exp.checkpoint=A,B``. The
     (first) checkpoint's own config is the base; the command line overrides it."""
+    from hericap.checkpoint import CONFIG_FILE
     from hericap.checkpoint.ensemble import split_checkpoints
 
     pre = load_config(overrides, preset=None, validate=False) if overrides else None
@@ -131,18 +138,25 @@ def eval_config(overrides: list[str]) -> tuple[Config, list[str]]:
             "exp.checkpoint=A,B to score an ensemble of several"
         )
     paths = split_checkpoints(ckpt)
-    for path in paths:
-        if not (Path(path) / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is not a HeriCap checkpoint folder (no config.json)")
-    base = from_dict(json.loads((Path(paths[0]) / "config.json").read_text()))
-    return load_config(overrides, base=base), paths
+    saved = []
+    for path in paths:  # folders or URIs
+        storage.check_location(path, "exp.checkpoint")
+        try:
+            saved.append(storage.read_text(storage.join(path, CONFIG_FILE)))
+        except FileNotFoundError as e:
+            raise FileNotFoundError(
+                f"{path} is not a HeriCap checkpoint folder (no {CONFIG_FILE})"
+            ) from e
+    return load_config(overrides, base=from_dict(json.loads(saved[0]))), paths
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from hericap.runtime.batch_eval import evaluate_checkpoint
     from hericap.runtime.cluster import ray_session
+    from hericap.runtime.preflight import check_config
 
     cfg, checkpoints = eval_config(eval_overrides(args))
+    check_config(cfg, need_weights=False, training=False)  # checkpoints hold every weight
     with ray_session(cfg.exp.ray_address, cfg.exp.ray_num_cpus):
         report = evaluate_checkpoint(cfg, checkpoints, cfg.split)
     _print_eval(report)
@@ -201,8 +215,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "wall_s": time.time() - t0,
     }
     scores["targets"] = demo_targets(scores)
-    out = Path(cfg.run_dir) / "test_scores.json"
-    out.write_text(json.dumps(scores, indent=1))
+    out = storage.join(cfg.run_dir, "test_scores.json")
+    storage.write_text(out, json.dumps(scores, indent=1))
     print()
     print(
         f"HeriCap demo: {report['num_images']} synthetic test images, "

@@ -8,11 +8,11 @@ The key tree follows the research code that seed users know (GRIT / HierCap Hydr
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 
 from hericap.config.decode_checks import SEARCH_CONTROLS, check_decode_controls
-from hericap.config.flavours import check_flavour
 
 __all__ = [
     "CapGeneratorConfig",
@@ -44,17 +44,21 @@ class ExpConfig:
     name: str = "caption"
     # Seed of the initial weights, the caption choices and every worker's RNGs.
     seed: int = 123
-    # Outputs go to <output_dir>/<name>/ (checkpoints, scores, results).
+    # Outputs go to <output_dir>/<name>/ (checkpoints, scores, results): a folder or a URI
+    # (s3://bucket/prefix, endpoint $AWS_ENDPOINT_URL).
     output_dir: str = "outputs"
-    # Ray Train storage: a local folder or s3://bucket/prefix (endpoint: $AWS_ENDPOINT_URL);
-    # defaults to <output_dir>/<name>/runs.
+    # Ray Train storage (checkpoints, the kept best): a folder or a URI; defaults to
+    # <output_dir>/<name>/runs. On a multi-node cluster a URI (file:///path for a shared mount).
     storage_path: str | None = None
     # A HeriCap checkpoint folder: `eval` scores it; `train` starts from its weights (its model
     # section, input keys and vocabulary, a fresh optimiser), as the research code's
     # exp.checkpoint does. Research .pth files become folders with `hericap import`.
     checkpoint: str | None = None
-    # Continue the run of the same name from its latest checkpoint instead of replacing it.
+    # Continue the run of the same name from its latest checkpoint.
     resume: bool = False
+    # Delete a previous run of the same name (its checkpoints and kept best) and start over.
+    # Neither set and a previous run there: an error (nothing a user owns is deleted by default).
+    overwrite: bool = False
     # Seed keys: world_size is the number of Ray Train workers, ngpus_per_node > 0 asks for GPUs.
     world_size: int = 1
     # > 0: each worker takes one GPU (the seed's key); 0: CPU workers.
@@ -99,9 +103,10 @@ class DatasetConfig:
     # Dataset: synthetic (generated on demand), or one prepared with `hericap prepare` (coco,
     # flickr8k, flickr30k, nocaps, coco_captions).
     name: str = "synthetic"
-    # Raw dataset root (COCO/Flickr/nocaps layouts); seed users set DATA_ROOT.
+    # Raw dataset root in the seed's layout (DATA_ROOT, as seed users set it): a run on coco,
+    # flickr8k or flickr30k whose shards are missing prepares them from here.
     root: str = "${oc.env:DATA_ROOT,data}"
-    # Prepared Parquet shards; defaults to <output_dir>/data/<dataset.name>.
+    # Prepared Parquet shards (a folder or a URI); defaults to <output_dir>/data/<dataset.name>.
     shard_dir: str | None = None
     # Train on a small fixed subset, with val = that same subset (debugging, as in the seed).
     overfit: bool = False
@@ -490,117 +495,16 @@ class Config:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def validate(self) -> None:
-        """Cross-field checks; raises ``ValueError`` saying what to change."""
-        if self.split not in SPLITS:
-            raise ValueError(f"split={self.split!r} is not one of {list(SPLITS)}")
-        if self.exp.world_size < 1:
-            raise ValueError(f"exp.world_size={self.exp.world_size} must be >= 1")
-        if self.exp.ngpus_per_node < 0:
-            raise ValueError(f"exp.ngpus_per_node={self.exp.ngpus_per_node} must be >= 0")
-        if self.exp.cpus_per_worker <= 0:
-            raise ValueError(f"exp.cpus_per_worker={self.exp.cpus_per_worker} must be > 0")
-        if self.model.d_model % self.model.n_heads:
-            raise ValueError(
-                f"model.d_model={self.model.d_model} must be divisible by "
-                f"model.n_heads={self.model.n_heads}"
-            )
-        ext = self.model.extractor
-        if len(ext.depths) != len(ext.num_heads):
-            raise ValueError(
-                f"model.extractor.depths={ext.depths} and model.extractor.num_heads="
-                f"{ext.num_heads} must have the same length (one entry per Swin stage)"
-            )
-        n_maps = len(ext.depths) + (1 if ext.extra_stage_dim else 0)
-        det = self.model.detector
-        if self.model.use_reg_feat and det.num_levels > n_maps:
-            raise ValueError(
-                f"model.detector.num_levels={det.num_levels} but the extractor gives {n_maps} "
-                f"maps (model.extractor.depths={ext.depths}, extra_stage_dim="
-                f"{ext.extra_stage_dim}); lower num_levels or add stages"
-            )
-        if self.model.use_reg_feat and det.d_model % det.num_heads:
-            raise ValueError(
-                f"model.detector.d_model={det.d_model} must be divisible by "
-                f"model.detector.num_heads={det.num_heads}"
-            )
-        if not (self.model.use_gri_feat or self.model.use_reg_feat or self.model.use_glob_feat):
-            raise ValueError(
-                "at least one of model.use_gri_feat / use_reg_feat / use_glob_feat must be True"
-            )
-        opt = self.optimizer
-        if opt.batch_size < 1:
-            raise ValueError(f"optimizer.batch_size={opt.batch_size} must be >= 1")
-        if opt.warmup_epochs < 0 or not 0 <= opt.min_lr_ratio <= 1:
-            raise ValueError(
-                f"optimizer.warmup_epochs={opt.warmup_epochs} must be >= 0 and "
-                f"optimizer.min_lr_ratio={opt.min_lr_ratio} in [0, 1]"
-            )
-        if opt.grad_accum_steps < 1:
-            raise ValueError(f"optimizer.grad_accum_steps={opt.grad_accum_steps} must be >= 1")
-        if opt.checkpoint_num_to_keep < 1:
-            raise ValueError(
-                f"optimizer.checkpoint_num_to_keep={opt.checkpoint_num_to_keep} must be >= 1 "
-                "(the latest checkpoint is what a run resumes from)"
-            )
-        for key in ("epochs_per_run", "steps_per_run", "checkpoint_every_steps"):
-            if getattr(self.exp, key) < 0:
-                raise ValueError(f"exp.{key}={getattr(self.exp, key)} must be >= 0")
-        if self.exp.tracking not in TRACKING_MODES:
-            raise ValueError(f"exp.tracking={self.exp.tracking!r}; known: {list(TRACKING_MODES)}")
-        if self.exp.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(
-                f"exp.mixed_precision={self.exp.mixed_precision!r}; known: {list(MIXED_PRECISION)}"
-            )
-        if opt.captions_per_image < 1:
-            raise ValueError(f"optimizer.captions_per_image={opt.captions_per_image} must be >= 1")
-        for key in (
-            "freezing_xe_epochs",
-            "freezing_sc_epochs",
-            "finetune_xe_epochs",
-            "finetune_sc_epochs",
-        ):
-            if getattr(opt, key) < 0:
-                raise ValueError(f"optimizer.{key}={getattr(opt, key)} must be >= 0")
-        if opt.sc_baseline not in SCST_BASELINES:
-            raise ValueError(
-                f"optimizer.sc_baseline={opt.sc_baseline!r}; known: {list(SCST_BASELINES)}"
-            )
-        min_sequences = 2 if opt.sc_baseline == "leave_one_out" else 1
-        if opt.sc_num_sequences < min_sequences:
-            raise ValueError(
-                f"optimizer.sc_num_sequences={opt.sc_num_sequences} must be >= {min_sequences} "
-                f"for the {opt.sc_baseline} baseline"
-            )
-        ds = self.dataset
-        if ds.resize not in RESIZE_MODES:
-            raise ValueError(f"dataset.resize={ds.resize!r}; known: {list(RESIZE_MODES)}")
-        if ds.augment not in AUGMENTATIONS:
-            raise ValueError(f"dataset.augment={ds.augment!r}; known: {list(AUGMENTATIONS)}")
-        if min(ds.image_size, ds.min_size, ds.max_size) < 1 or ds.min_size > ds.max_size:
-            raise ValueError(
-                f"dataset.image_size={ds.image_size}, min_size={ds.min_size} and max_size="
-                f"{ds.max_size} must be >= 1 with min_size <= max_size"
-            )
-        self.decode.validate()
-        if not 0.0 <= opt.ema_decay < 1.0:
-            raise ValueError(
-                f"optimizer.ema_decay={opt.ema_decay} must be in [0, 1) (0: no moving average; "
-                "typical: 0.999)"
-            )
-        self.evaluation.validate()
-        options = check_flavour(self)
-        controls = self.decode.search_controls()
-        if options.beam_search == "research" and controls:
-            raise ValueError(
-                f"decode.{', decode.'.join(controls)}: the research beam search "
-                "(model.beam_search=research, the grit/hiercap flavours' default) reproduces the "
-                "research code and has none of these controls; set them back to their defaults "
-                "or use model.beam_search=hericap"
-            )
+        """Every value in range, every choice known, the fields that must agree; raises
+        ``ValueError`` saying what to change (:mod:`hericap.config.checks`)."""
+        from hericap.config.checks import check_all
+
+        check_all(self)
 
     @property
     def run_dir(self) -> str:
-        """``<output_dir>/<exp.name>``: everything this run writes."""
-        import os
-
-        return os.path.join(self.exp.output_dir, self.exp.name)
+        """``<output_dir>/<exp.name>``: everything this run writes (a folder or a URI)."""
+        output_dir = self.exp.output_dir
+        if "://" in output_dir:
+            return f"{output_dir.rstrip('/')}/{self.exp.name}"
+        return os.path.join(output_dir, self.exp.name)

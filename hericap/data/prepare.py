@@ -11,6 +11,7 @@ Outputs go to a folder or an ``s3://`` prefix. Nothing here imports Ray.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections import Counter
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 from hericap.data import storage, synthetic
 from hericap.data.readers import Record
-from hericap.data.shards import VOCAB_NAME, Manifest, ShardWriter, write_shard
+from hericap.data.shards import VOCAB_NAME, Manifest, ShardWriter, read_manifest, write_shard
 from hericap.data.text import Vocabulary
 from hericap.data.transforms import validate_image_bytes
 
@@ -44,6 +45,19 @@ SPLIT_ORDER = ("train", "val", "test")
 logger = logging.getLogger(__name__)
 
 
+def _refuse_other_dataset(out: str) -> None:
+    """A prepared real dataset at ``out`` is never replaced by the synthetic one."""
+    try:
+        previous = read_manifest(out)
+    except (FileNotFoundError, ValueError):  # nothing there, or an older synthetic format
+        return
+    if previous.source != "synthetic":
+        raise FileExistsError(
+            f"{out} holds the prepared dataset '{previous.source}' (splits {previous.splits}): "
+            "generating the synthetic one there would replace it; choose another folder"
+        )
+
+
 def prepare_synthetic(
     out_dir: str | Path,
     num_train: int = 6000,
@@ -58,7 +72,7 @@ def prepare_synthetic(
     """Generate the synthetic dataset into shards.
 
     Args:
-        out_dir: folder for shards, ``manifest.json`` and ``vocab.json``.
+        out_dir: folder or URI for shards, ``manifest.json`` and ``vocab.json``.
         num_train: train images; ``num_val``/``num_test`` likewise.
         seed: dataset seed; the same seed gives byte-identical shards.
         image_size: square image side in pixels.
@@ -69,8 +83,8 @@ def prepare_synthetic(
     Returns:
         The manifest written.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.resolve(out_dir)
+    _refuse_other_dataset(out)
     sizes = {"train": num_train, "val": num_val, "test": num_test}
     shards: list[dict] = []
     train_captions: list[str] = []
@@ -98,7 +112,7 @@ def prepare_synthetic(
                 bar.update(1)
             shards.extend(writer.close())
     vocab = Vocabulary.build(train_captions, min_count=min_count)
-    vocab.save(out / VOCAB_NAME)
+    vocab.save(storage.join(out, VOCAB_NAME))
     manifest = Manifest(
         root=out,
         source="synthetic",
@@ -149,15 +163,19 @@ def plan_shards(records: Iterable[Record], shard_rows: int) -> list[ShardPlan]:
 
 
 def _read_image_file(path: str) -> bytes:
-    p = Path(path)
-    if not p.exists():
+    """An image file's bytes (a local path or a URI); a reason when it cannot be read."""
+    try:
+        kind = storage.file_type(path)
+    except OSError as e:
+        raise ValueError(f"unreadable file: {e}") from e
+    if kind == "missing":
         raise ValueError("missing image file")
-    if not p.is_file():
+    if kind != "file":
         raise ValueError("not a regular file")
     try:
-        return p.read_bytes()
+        return storage.read_bytes(path)
     except OSError as e:
-        raise ValueError(f"unreadable file: {e.strerror or e}") from e
+        raise ValueError(f"unreadable file: {getattr(e, 'strerror', None) or e}") from e
 
 
 def build_shard(plan: ShardPlan, out: str, source: str) -> dict[str, Any]:
@@ -216,39 +234,46 @@ def build_shard(plan: ShardPlan, out: str, source: str) -> dict[str, Any]:
     return marker
 
 
+def _build_named(plan: ShardPlan, out: str, source: str) -> dict[str, Any]:
+    return build_shard(plan, out, source) | {"name": plan.name}
+
+
 def _serial(fn: Callable[[ShardPlan], dict], plans: list[ShardPlan]) -> Iterator[dict]:
     for plan in plans:
         yield fn(plan)
 
 
-def prepare_records(
-    records: list[Record],
-    out: str | Path,
-    source: str,
-    shard_rows: int = 1000,
-    min_count: int = 5,
-    info: dict[str, Any] | None = None,
-    run: Callable[[Callable[[ShardPlan], dict], list[ShardPlan]], Iterable[dict]] = _serial,
-    progress: bool = True,
-) -> Manifest:
-    """Write ``records`` as shards under ``out`` (folder or ``s3://`` prefix).
+def _previous_dataset(out: str, splits: list[str], add: bool) -> Manifest | None:
+    """The dataset already at ``out`` whose other splits this run keeps (``add``), or None.
 
-    Args:
-        records: from a reader.
-        out: output folder or URI.
-        source: dataset name recorded in the shards and manifest.
-        shard_rows: records per shard (the target shard size).
-        min_count: vocabulary keeps train words seen at least this often.
-        info: extra manifest fields (where the data came from).
-        run: runs ``fn`` over the pending shard plans and yields their markers in any order
-            (the CLI passes a Ray runner; the default runs them here, one after another).
-        progress: show a progress bar.
-
-    Returns:
-        The manifest written. Shards whose completion marker exists are not rebuilt.
+    Raises:
+        FileExistsError: ``out`` holds other splits and ``add`` is off (they would be dropped),
+            or ``add`` names a split it already holds.
     """
-    out = str(out)
-    plans = plan_shards(records, shard_rows)
+    try:
+        previous = read_manifest(out)
+    except FileNotFoundError:
+        return None
+    others = [s for s in previous.splits if s not in splits]
+    if not add:
+        if others:
+            raise FileExistsError(
+                f"{out} already holds a prepared dataset with splits {previous.splits}; "
+                f"preparing {splits} alone would drop {others}: add them with --add "
+                "(prepare_records(add=True)), or write to another --out"
+            )
+        return None  # the same splits again: finished shards are reused, nothing is lost
+    again = [s for s in splits if s in previous.splits]
+    if again:
+        raise FileExistsError(
+            f"{out} already holds split(s) {again} (splits {previous.splits}); --add adds new "
+            "splits only: prepare into another --out to rebuild one"
+        )
+    return previous
+
+
+def _pending_plans(plans: list[ShardPlan], out: str) -> tuple[dict[str, dict], list[ShardPlan]]:
+    """(markers of the shards already written, plans still to build)."""
     markers: dict[str, dict] = {}
     pending = []
     for plan in plans:
@@ -266,10 +291,83 @@ def prepare_records(
             pending.append(plan)
     if markers:
         logger.info("resuming: %d of %d shards already written", len(markers), len(plans))
+    return markers, pending
 
-    def build(plan: ShardPlan) -> dict:
-        return build_shard(plan, out, source) | {"name": plan.name}
 
+def _merged_report(
+    out: str, source: str, n_records: int, markers: list[dict], previous: Manifest | None
+) -> dict[str, Any]:
+    """This run's skip report, after the previous one's when splits are added."""
+    skipped = [s for m in markers for s in m["skipped"]]
+    normalised = [n for m in markers for n in m["normalised"]]
+    if previous is not None:
+        try:
+            before = json.loads(storage.read_text(storage.join(out, REPORT_NAME)))
+        except FileNotFoundError:
+            before = {}
+        n_records += before.get("records", 0)
+        skipped = before.get("skipped", []) + skipped
+        normalised = before.get("normalised_records", []) + normalised
+    return {
+        "source": source,
+        "records": n_records,
+        "skipped_by_reason": dict(Counter(s["reason"] for s in skipped)),
+        "normalised": len(normalised),
+        "skipped": skipped,
+        "normalised_records": normalised,
+    }
+
+
+def _vocabulary_file(
+    out: str, markers: list[dict], previous: Manifest | None, min_count: int
+) -> str | None:
+    """``vocab.json`` from the train captions written now; else the kept dataset's own."""
+    train_captions = [c for m in markers for c in m["train_captions"]]
+    if train_captions:
+        Vocabulary.build(train_captions, min_count=min_count).save(storage.join(out, VOCAB_NAME))
+        return VOCAB_NAME
+    return previous.vocab_file if previous is not None else None
+
+
+def prepare_records(
+    records: list[Record],
+    out: str | Path,
+    source: str,
+    shard_rows: int = 1000,
+    min_count: int = 5,
+    info: dict[str, Any] | None = None,
+    run: Callable[[Callable[[ShardPlan], dict], list[ShardPlan]], Iterable[dict]] = _serial,
+    progress: bool = True,
+    add: bool = False,
+) -> Manifest:
+    """Write ``records`` (one or several splits) as shards under ``out`` (folder or URI), with
+    one manifest, a vocabulary from the train split and a skip report.
+
+    Args:
+        records: from a reader (or several: one per split).
+        out: output folder or URI.
+        source: dataset name recorded in the shards and manifest.
+        shard_rows: records per shard (the target shard size).
+        min_count: vocabulary keeps train words seen at least this often.
+        info: extra manifest fields (where the data came from).
+        run: runs ``fn`` over the pending shard plans and yields their markers in any order
+            (the CLI passes a Ray runner; the default runs them here, one after another).
+        progress: show a progress bar.
+        add: add these splits to the dataset already at ``out``, keeping its other splits (and
+            its vocabulary, unless a train split is added).
+
+    Returns:
+        The manifest written. Shards whose completion marker exists are not rebuilt.
+
+    Raises:
+        FileExistsError: ``out`` holds other splits and ``add`` is off, or ``add`` names a
+            split it already holds.
+    """
+    out = storage.resolve(out)
+    plans = plan_shards(records, shard_rows)
+    splits = list(dict.fromkeys(p.split for p in plans))
+    previous = _previous_dataset(out, splits, add)
+    markers, pending = _pending_plans(plans, out)
     with tqdm(
         total=len(plans),
         initial=len(markers),
@@ -277,40 +375,30 @@ def prepare_records(
         unit="shard",
         disable=not progress,
     ) as bar:
-        for marker in run(build, pending):
+        for marker in run(functools.partial(_build_named, out=out, source=source), pending):
             markers[marker["name"]] = marker
             bar.update(1)
     ordered = [markers[p.name] for p in plans]
-    shards = [m["shard"] for m in ordered if m["shard"]]
+    shards = (previous.shards if previous else []) + [m["shard"] for m in ordered if m["shard"]]
     counts: Counter[str] = Counter()
     for s in shards:
         counts[s["split"]] += s["rows"]
-    skipped = [s for m in ordered for s in m["skipped"]]
-    normalised = [n for m in ordered for n in m["normalised"]]
-    train_captions = [c for m in ordered for c in m["train_captions"]]
-    vocab_file = None
-    if train_captions:
-        Vocabulary.build(train_captions, min_count=min_count).save(storage.join(out, VOCAB_NAME))
-        vocab_file = VOCAB_NAME
-    reasons = Counter(s["reason"] for s in skipped)
-    report = {
-        "source": source,
-        "records": len(records),
-        "kept": dict(counts),
-        "skipped_by_reason": dict(reasons),
-        "normalised": len(normalised),
-        "skipped": skipped,
-        "normalised_records": normalised,
-    }
+    vocab_file = _vocabulary_file(out, ordered, previous, min_count)
+    report = _merged_report(out, source, len(records), ordered, previous)
+    report["kept"] = dict(counts)
     storage.write_text(storage.join(out, REPORT_NAME), json.dumps(report, indent=1))
+    if previous is not None and previous.source != source:
+        source = f"{previous.source}+{source}"
     manifest = Manifest(
-        root=out if storage.is_s3(out) else Path(out),
+        root=out,
         source=source,
         shards=shards,
         counts=dict(counts),
         vocab_file=vocab_file,
-        info=(info or {})
-        | {"vocab_min_count": min_count, "skipped": dict(reasons), "report": REPORT_NAME},
+        info=(previous.info if previous else {})
+        | (info or {})
+        | {"vocab_min_count": min_count, "skipped": report["skipped_by_reason"]}
+        | {"report": REPORT_NAME},
     )
     manifest.write()
     logger.info(
@@ -318,8 +406,8 @@ def prepare_records(
         source,
         len(records),
         dict(counts),
-        dict(reasons),
-        len(normalised),
+        report["skipped_by_reason"],
+        report["normalised"],
         storage.join(out, REPORT_NAME),
     )
     return manifest

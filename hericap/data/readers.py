@@ -12,7 +12,8 @@ Formats:
 * nocaps (``nocap_val_4500_captions.json``, ``nocap_test_image_info.json``): COCO format with a
   ``domain`` per image (in-domain, near-domain, out-domain); test has no captions.
 
-Default locations follow the seed README's ``DATA_ROOT`` layout (:data:`DEFAULT_LAYOUT`).
+Default locations follow the seed README's ``DATA_ROOT`` layout (:data:`DEFAULT_LAYOUT`). Files
+and image folders may be local or URIs (``s3://...``).
 """
 
 from __future__ import annotations
@@ -24,13 +25,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hericap.data import storage
+
 __all__ = [
     "DEFAULT_LAYOUT",
+    "KARPATHY_DATASETS",
     "READERS",
     "Record",
+    "SplitSource",
     "read_coco_captions",
     "read_karpathy",
     "read_nocaps",
+    "read_splits",
 ]
 
 logger = logging.getLogger(__name__)
@@ -63,10 +69,11 @@ KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "
 
 
 def _load_json(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"annotation file not found: {p}")
-    return json.loads(p.read_text())
+    """An annotation file (a local path or a URI)."""
+    try:
+        return json.loads(storage.read_text(path))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"annotation file not found: {path}") from e
 
 
 def read_karpathy(annotations: str | Path, images: str | Path, source: str) -> list[Record]:
@@ -86,7 +93,7 @@ def read_karpathy(annotations: str | Path, images: str | Path, source: str) -> l
         split = KARPATHY_SPLITS.get(entry.get("split", ""))
         if split is None:
             raise ValueError(f"{annotations}: unknown split {entry.get('split')!r} in {entry}")
-        rel = Path(entry.get("filepath", ""), entry["filename"])
+        rel = "/".join(p for p in (entry.get("filepath", ""), entry["filename"]) if p)
         image_id = str(entry.get("cocoid", Path(entry["filename"]).stem))
         extra = {"karpathy_split": entry["split"]}
         if "imgid" in entry:
@@ -95,7 +102,7 @@ def read_karpathy(annotations: str | Path, images: str | Path, source: str) -> l
             Record(
                 image_id=image_id,
                 split=split,
-                path=str(Path(images) / rel),
+                path=storage.join(images, rel),
                 captions=[s.get("raw", " ".join(s.get("tokens", []))) for s in entry["sentences"]],
                 file_name=str(rel),
                 extra=extra,
@@ -120,7 +127,7 @@ def _coco_records(
             Record(
                 image_id=image_id,
                 split=split,
-                path=str(Path(images) / im["file_name"]),
+                path=storage.join(images, im["file_name"]),
                 captions=captions.get(image_id, []),
                 file_name=im["file_name"],
                 extra={k: str(im[k]) for k in extra_keys if k in im},
@@ -143,7 +150,8 @@ def read_coco_captions(
         raise ValueError(f"{annotations} is not a COCO caption file (needs images, annotations)")
     keep = None
     if split_list:
-        keep = {line.strip() for line in Path(split_list).read_text().splitlines() if line.strip()}
+        lines = storage.read_text(split_list).splitlines()
+        keep = {line.strip() for line in lines if line.strip()}
     records = _coco_records(body, images, split, keep, extra_keys=("coco_url",))
     logger.info("coco captions: %d images (%s) in %s", len(records), split, annotations)
     return records
@@ -174,3 +182,56 @@ READERS: dict[str, Callable[..., list[Record]]] = {
         read_coco_captions(annotations, images, split, split_list)
     ),
 }
+
+
+# Datasets whose one annotation file holds every split (train / val / test).
+KARPATHY_DATASETS = ("coco", "flickr8k", "flickr30k")
+
+
+@dataclass
+class SplitSource:
+    """One split of a dataset built from several files: its annotation file, image folder and
+    optional split list (image ids or file names to keep)."""
+
+    split: str
+    annotations: str
+    images: str
+    split_list: str | None = None
+
+
+def read_splits(dataset: str, sources: list[SplitSource]) -> list[Record]:
+    """The records of several single-split files (``coco_captions``, ``nocaps``) as one
+    dataset.
+
+    Raises:
+        ValueError: the reader holds its own splits (Karpathy files), a split is named twice, or
+            an image lands in two splits.
+    """
+    if dataset in KARPATHY_DATASETS:
+        raise ValueError(
+            f"{dataset}: a Karpathy split file holds its own splits; give --annotations FILE, "
+            "not --split NAME=FILE"
+        )
+    names = [s.split for s in sources]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a split is named twice: {names}")
+    records: list[Record] = []
+    seen: dict[str, str] = {}
+    overlap: list[tuple[str, str, str]] = []
+    for source in sources:
+        for r in READERS[dataset](
+            annotations=source.annotations,
+            images=source.images,
+            split=source.split,
+            split_list=source.split_list,
+        ):
+            if r.image_id in seen:
+                overlap.append((r.image_id, seen[r.image_id], r.split))
+            seen[r.image_id] = r.split
+            records.append(r)
+    if overlap:
+        raise ValueError(
+            f"{len(overlap)} image(s) are in two splits, e.g. (image id, split, split) "
+            f"{overlap[:5]}: give split lists that do not overlap (--split-list SPLIT=FILE)"
+        )
+    return records

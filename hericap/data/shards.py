@@ -75,18 +75,13 @@ def write_shard(
     }
 
 
-def _location(root: str | Path, name: str) -> str | Path:
-    return storage.join(root, name) if storage.is_s3(root) else Path(root) / name
-
-
 class ShardWriter:
     """Writes rows of one split into shards of at most ``shard_rows`` rows."""
 
     def __init__(self, out_dir: str | Path, split: str, shard_rows: int = 1000) -> None:
         if shard_rows < 1:
             raise ValueError(f"shard_rows={shard_rows} must be >= 1")
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = storage.resolve(out_dir)
         self.split = split
         self.shard_rows = shard_rows
         self._rows: list[dict[str, Any]] = []
@@ -113,16 +108,24 @@ class ShardWriter:
 class Manifest:
     """What a shard folder holds."""
 
-    root: Path | str  # a folder, or an s3:// URI
+    root: str  # a location: a folder (absolute) or a URI
     source: str
     shards: list[dict[str, Any]]
     counts: dict[str, int]
     vocab_file: str | None
     info: dict[str, Any]
 
-    def files(self, split: str) -> list[Path | str]:
-        """Shard paths (or URIs) of one split."""
-        files = [_location(self.root, s["file"]) for s in self.shards if s["split"] == split]
+    def __post_init__(self) -> None:
+        self.root = storage.resolve(self.root)
+
+    @property
+    def splits(self) -> list[str]:
+        """The splits that have shards, in the manifest's order."""
+        return list(dict.fromkeys(s["split"] for s in self.shards))
+
+    def files(self, split: str) -> list[str]:
+        """Shard locations of one split."""
+        files = [storage.join(self.root, s["file"]) for s in self.shards if s["split"] == split]
         if not files:
             raise ValueError(
                 f"no shards for split '{split}' in {self.root}; splits present: "
@@ -131,10 +134,10 @@ class Manifest:
         return files
 
     @property
-    def vocab_path(self) -> Path | str:
+    def vocab_path(self) -> str:
         if not self.vocab_file:
-            raise FileNotFoundError(f"{_location(self.root, MANIFEST_NAME)} names no vocabulary")
-        return _location(self.root, self.vocab_file)
+            raise FileNotFoundError(f"{storage.join(self.root, MANIFEST_NAME)} names no vocabulary")
+        return storage.join(self.root, self.vocab_file)
 
     def write(self) -> None:
         body = {
@@ -146,14 +149,14 @@ class Manifest:
             "vocab": self.vocab_file,
             "info": self.info,
         }
-        storage.write_text(_location(self.root, MANIFEST_NAME), json.dumps(body, indent=1))
+        storage.write_text(storage.join(self.root, MANIFEST_NAME), json.dumps(body, indent=1))
 
 
 def read_manifest(root: str | Path, verify: bool = False) -> Manifest:
     """Read ``manifest.json`` of a shard folder or ``s3://`` prefix; ``verify`` re-checks every
     checksum."""
-    root = root if storage.is_s3(root) else Path(root)
-    path = _location(root, MANIFEST_NAME)
+    root = storage.resolve(root)
+    path = storage.join(root, MANIFEST_NAME)
     try:
         body = json.loads(storage.read_text(path))
     except FileNotFoundError as e:
@@ -176,7 +179,7 @@ def read_manifest(root: str | Path, verify: bool = False) -> Manifest:
     )
     if verify:
         for s in manifest.shards:
-            location = _location(root, s["file"])
+            location = storage.join(root, s["file"])
             digest = hashlib.sha256(storage.read_bytes(location)).hexdigest()
             if digest != s["sha256"]:
                 raise RuntimeError(f"checksum mismatch for {location}: shard corrupted")

@@ -7,17 +7,21 @@ import json
 from pathlib import Path
 from typing import Any
 
+from hericap.data import storage
+
 __all__ = ["load_annotations", "load_results", "references_for"]
 
 
 def _read_json(path: str | Path, what: str) -> Any:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{what} file not found: {p}")
+    """A JSON file (a local path or a URI)."""
     try:
-        return json.loads(p.read_text())
+        text = storage.read_text(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{what} file not found: {path}") from e
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{what} file {p} is not valid JSON: {e}") from e
+        raise ValueError(f"{what} file {path} is not valid JSON: {e}") from e
 
 
 def _key(image_id: Any) -> str:

@@ -44,8 +44,12 @@ def word_maps(att: Attention) -> tuple[np.ndarray | None, np.ndarray | None]:
                 map_parts.append(part)
             elif name == "region":
                 region_parts.append(part)
-    maps = torch.stack(map_parts).mean(0).reshape(-1, h, w).numpy() if map_parts else None
-    regions = torch.stack(region_parts).mean(0).numpy() if region_parts else None
+    maps = (
+        torch.stack(map_parts).mean(0).reshape(-1, h, w).float().cpu().numpy()
+        if map_parts
+        else None
+    )
+    regions = torch.stack(region_parts).mean(0).float().cpu().numpy() if region_parts else None
     return maps, regions
 
 
@@ -83,10 +87,11 @@ def word_attention(
     ``<bos>``/``<eos>``) over ``canvas`` (``uint8 [H, W, 3]``, the real image at ``image_hw``
     top-left), teacher-forced as in training."""
     batch = crop_batch(canvas[None], np.asarray([image_hw]), model.input_multiple)
+    device = next(model.parameters()).device  # a GPU replica's model stays on its GPU
     x, hw = prepare_batch(
-        canvas[None], np.asarray([image_hw]), model.input_multiple, model.zero_padding
+        canvas[None], np.asarray([image_hw]), model.input_multiple, model.zero_padding, device
     )
-    tokens = torch.tensor([[vocab.bos_idx, *caption_tokens]])
+    tokens = torch.tensor([[vocab.bos_idx, *caption_tokens]], device=device)
     att = model.attention(x, tokens, image_hw=hw)
     maps, regions = word_maps(att)
     boxes = att.encoded.region_boxes
@@ -101,7 +106,7 @@ def word_attention(
         image_hw=(int(image_hw[0]), int(image_hw[1])),
         maps=maps,
         regions=regions,
-        boxes=boxes[0].numpy() if boxes is not None else None,
+        boxes=boxes[0].float().cpu().numpy() if boxes is not None else None,
         routing=routing,
     )
 

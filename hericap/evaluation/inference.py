@@ -1,8 +1,10 @@
 """Caption images with a checkpoint, or an ensemble of checkpoints (no Ray; Ray Data uses
-:class:`CaptionPredictor` as a ``map_batches`` class)."""
+:class:`CaptionPredictor` as a ``map_batches`` class), on the CPU or a GPU (bf16 autocast where
+the GPU supports it)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +18,25 @@ from hericap.models.captioner import Captioner
 from hericap.models.decoding import DecodeControls, check_search_controls
 from hericap.models.ensemble import CaptionEnsemble
 
-__all__ = ["CaptionPredictor", "caption_batch"]
+__all__ = ["CaptionPredictor", "autocast_for", "caption_batch", "pick_device"]
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """``device``, or CUDA when present, else the CPU."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_for(device: torch.device | str, mixed_precision: str = "auto"):
+    """A fresh bf16 autocast context per ``exp.mixed_precision``: ``auto`` on a GPU that
+    supports bf16, ``bf16`` everywhere, ``no`` never."""
+    device = torch.device(device)
+    if mixed_precision == "bf16" or (
+        mixed_precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    ):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -50,12 +70,15 @@ class CaptionPredictor:
     batches of decoded images.
 
     Args:
-        checkpoint: a checkpoint folder, ``"A,B"`` or a list of folders (an ensemble).
+        checkpoint: a checkpoint folder (a local path or a URI), ``"A,B"`` or a list of folders
+            (an ensemble).
         beam_size: 1 for greedy, else beam search.
         max_len: words at most.
         torch_threads: intra-op threads (0: leave torch's default).
         collapse_repeats: collapse repeated words (``decode.collapse_repeats``).
         controls: the ``decode.*`` decoding controls (None: all off).
+        device: where the model runs (None: CUDA when present, else the CPU).
+        mixed_precision: ``exp.mixed_precision`` (``auto``: bf16 on a GPU that supports it).
     """
 
     def __init__(
@@ -66,10 +89,14 @@ class CaptionPredictor:
         torch_threads: int = 0,
         collapse_repeats: bool = False,
         controls: DecodeControls | None = None,
+        device: str | None = None,
+        mixed_precision: str = "auto",
     ) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.loaded = load_models(checkpoint)
+        self.device = pick_device(device)
+        self.mixed_precision = mixed_precision
+        self.loaded = load_models(checkpoint, device=self.device)
         self.beam_size, self.max_len = beam_size, max_len
         self.collapse_repeats = collapse_repeats
         self.controls = controls or DecodeControls()
@@ -78,19 +105,23 @@ class CaptionPredictor:
 
     def caption(self, images: np.ndarray, image_hw: np.ndarray | None = None) -> list[str]:
         """``uint8 [B, H, W, 3]`` (real sizes ``image_hw``) -> one caption per image."""
-        return caption_batch(
-            self.loaded.model,
-            self.loaded.vocab,
-            images,
-            beam_size=self.beam_size,
-            max_len=self.max_len,
-            image_hw=image_hw,
-            collapse_repeats=self.collapse_repeats,
-            controls=self.controls,
-        )
+        with autocast_for(self.device, self.mixed_precision):
+            return caption_batch(
+                self.loaded.model,
+                self.loaded.vocab,
+                images,
+                beam_size=self.beam_size,
+                max_len=self.max_len,
+                device=self.device,
+                image_hw=image_hw,
+                collapse_repeats=self.collapse_repeats,
+                controls=self.controls,
+            )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        captions = self.caption(batch["image"], batch.get("image_hw"))
         return {
             "image_id": batch["image_id"],
-            "caption": np.array(self.caption(batch["image"], batch.get("image_hw")), dtype=object),
+            "caption": np.array(captions, dtype=object),
+            "device": np.array([str(self.device)] * len(captions), dtype=object),
         }

@@ -1,9 +1,15 @@
 """Decode a split with a checkpoint, or an ensemble of checkpoints, on the Ray cluster (Ray Data
 batch inference) and score it.
 
+The checkpoints may live anywhere the driver reads (folders, S3): the driver reads their files
+once and ships them to the inference actors through Ray's object store, so an actor on any node
+loads the same weights without reading the checkpoints' locations itself. With
+``exp.ngpus_per_node > 0`` each actor asks for one GPU and decodes there (bf16 autocast where the
+GPU supports it, per ``exp.mixed_precision``).
+
 Writes ``<split>_results.json`` (COCO results format) and ``<split>_scores.json`` to the run
-folder, and where they apply the nocaps EvalAI file, the COCO test-server file and the per-image
-file (:mod:`hericap.evaluation.submission`); returns the score report.
+folder (a folder or a URI), and where they apply the nocaps EvalAI file, the COCO test-server
+file and the per-image file (:mod:`hericap.evaluation.submission`); returns the score report.
 """
 
 from __future__ import annotations
@@ -11,20 +17,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import ray.data
 
-from hericap.checkpoint import META_FILE
+from hericap.checkpoint import META_FILE, read_checkpoint_files
 from hericap.checkpoint.ensemble import split_checkpoints
 from hericap.config.schema import Config
-from hericap.data.catalog import ensure_shards, first_image_ids
+from hericap.data import storage
+from hericap.data.catalog import ensure_shards, first_image_ids, shard_dir
 from hericap.data.shards import read_rows
 from hericap.data.synthetic import Scene
 from hericap.data.transforms import resize_spec
@@ -35,6 +44,7 @@ from hericap.evaluation.inference import CaptionPredictor
 from hericap.evaluation.report import build_report
 from hericap.evaluation.submission import submission_name, write_evaluation_files
 from hericap.models.builder import decode_controls
+from hericap.runtime.cluster import check_resources, check_shared_locations
 from hericap.runtime.datasets import shard_dataset
 
 __all__ = ["evaluate_checkpoint"]
@@ -102,12 +112,47 @@ def train_fingerprints(cfg: Config) -> tuple[np.ndarray | None, str]:
     return caption_fingerprints(captions), f"{len(captions)} train references in {manifest.root}"
 
 
+class _ShippedPredictor(CaptionPredictor):
+    """A :class:`CaptionPredictor` over checkpoint files that travel in Ray's object store (in
+    a list, so that Ray Data hands the references over instead of resolving them): each
+    member's files are written to a folder of the actor's own, which it then loads."""
+
+    def __init__(self, files_refs: list[ray.ObjectRef], **kwargs: Any) -> None:
+        self._folders = tempfile.TemporaryDirectory(prefix="hericap-checkpoint-")
+        members = []
+        for i, files in enumerate(ray.get(files_refs)):
+            folder = os.path.join(self._folders.name, str(i))
+            for name, data in files.items():
+                storage.write_bytes(os.path.join(folder, name), data)
+            members.append(folder)
+        super().__init__(members, **kwargs)
+
+
+def eval_resources(cfg: Config) -> dict[str, float]:
+    """What one inference actor asks for: ``exp.cpus_per_worker`` CPUs, and a GPU when
+    ``exp.ngpus_per_node > 0``."""
+    return {"CPU": cfg.exp.cpus_per_worker, "GPU": 1.0 if cfg.exp.ngpus_per_node > 0 else 0.0}
+
+
+def check_eval_cluster(cfg: Config) -> None:
+    """Refuse an evaluation the cluster cannot hold, or whose shards some node cannot read."""
+    check_shared_locations({"dataset.shard_dir": shard_dir(cfg)}, "batch inference")
+    check_resources(
+        eval_resources(cfg),
+        max(1, cfg.exp.world_size),
+        f"exp.world_size={cfg.exp.world_size} inference actors",
+        "Lower exp.world_size or exp.cpus_per_worker; exp.ngpus_per_node=0 runs them on CPU",
+    )
+
+
 def decode_split(
-    cfg: Config, checkpoints: Sequence[Path], split: SplitReferences
-) -> dict[str, str]:
+    cfg: Config, checkpoints: Sequence[str], split: SplitReferences
+) -> tuple[dict[str, str], list[str]]:
     """Caption every image of ``split`` with Ray Data batch inference: a pool of
-    ``exp.world_size`` actors, each loading the checkpoint (or the ensemble of ``checkpoints``)
-    once."""
+    ``exp.world_size`` actors (one GPU each with ``exp.ngpus_per_node > 0``), each loading the
+    checkpoint (or the ensemble of ``checkpoints``) once from the files the driver put in the
+    object store. Returns the captions and the devices the actors decoded on."""
+    resources = eval_resources(cfg)
     ds = shard_dataset(
         split.files,
         resize_spec(cfg.dataset),
@@ -115,32 +160,38 @@ def decode_split(
         decode_batch_size=cfg.dataset.decode_batch_size,
         keep_ids=split.keep,
     )
+    files_refs = [ray.put(read_checkpoint_files(c)) for c in checkpoints]
     preds = ds.map_batches(
-        CaptionPredictor,
+        _ShippedPredictor,
         fn_constructor_kwargs={
-            "checkpoint": [str(c) for c in checkpoints],
+            "files_refs": files_refs,
             "beam_size": cfg.decode.test_beam_size,
             "max_len": cfg.decode.max_len,
             "torch_threads": max(1, int(cfg.exp.cpus_per_worker)),
             "collapse_repeats": cfg.decode.collapse_repeats,
             "controls": decode_controls(cfg.decode),
+            "device": "cuda" if resources["GPU"] else "cpu",
+            "mixed_precision": cfg.exp.mixed_precision,
         },
         batch_size=cfg.decode.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=max(1, cfg.exp.world_size)),
-        num_cpus=cfg.exp.cpus_per_worker,
+        num_cpus=resources["CPU"],
+        num_gpus=resources["GPU"] or None,
     ).take_all()
     candidates = {str(p["image_id"]): str(p["caption"]) for p in preds}
     if set(candidates) != set(split.references):
         raise RuntimeError(f"decoded {len(candidates)} of {len(split.references)} images")
-    return candidates
+    return candidates, sorted({str(p["device"]) for p in preds})
 
 
-def training_info(checkpoint: Path) -> dict[str, Any]:
+def training_info(checkpoint: str) -> dict[str, Any]:
     """Where in training a checkpoint comes from (phase, epoch, step) and, after SCST, how its
     reward was computed: recorded with every score."""
-    meta_file = checkpoint / META_FILE
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    try:
+        meta = json.loads(storage.read_text(storage.join(checkpoint, META_FILE)))
+    except FileNotFoundError:
+        meta = {}
     training = {"phase": meta.get("phase"), "epoch": meta.get("epoch"), "step": meta.get("step")}
     # the weights model.pt holds: the moving average (optimizer.ema_decay) or an average of
     # checkpoints (`hericap average`)
@@ -158,7 +209,7 @@ def training_info(checkpoint: Path) -> dict[str, Any]:
     return training
 
 
-def decode_record(cfg: Config, checkpoints: Sequence[Path], decode_s: float) -> dict[str, Any]:
+def decode_record(cfg: Config, checkpoints: Sequence[str], decode_s: float) -> dict[str, Any]:
     """How the captions of a report were decoded: beam size, length, every ``decode.*``
     control (the sampling ones only act in sampling), time, and the ensemble's members (None
     for one checkpoint)."""
@@ -179,7 +230,7 @@ def describe_search(cfg: Config, members: int) -> str:
     return line + (f", ensemble of {members} (mean log-prob)" if members > 1 else "")
 
 
-def ensemble_training(checkpoints: Sequence[Path]) -> dict[str, Any]:
+def ensemble_training(checkpoints: Sequence[str]) -> dict[str, Any]:
     """:func:`training_info` of one checkpoint; for an ensemble, each member's under
     ``members`` (and ``phase`` when they all share one)."""
     if len(checkpoints) == 1:
@@ -232,9 +283,9 @@ def score_split(
 
 def evaluate_checkpoint(
     cfg: Config,
-    checkpoint: str | Path | Sequence[str | Path],
+    checkpoint: str | os.PathLike | Sequence[str | os.PathLike],
     split: str,
-    out_dir: str | Path | None = None,
+    out_dir: str | os.PathLike | None = None,
     with_oracle: bool = True,
     scorer: CocoScorer | None = None,
 ) -> dict[str, Any]:
@@ -242,8 +293,8 @@ def evaluate_checkpoint(
 
     Args:
         cfg: the run config (dataset location, decoding, workers, ``evaluation.*``).
-        checkpoint: checkpoint folder; several (``"A,B"`` or a list): decoded as a
-            log-prob-averaging ensemble (:mod:`hericap.models.ensemble`).
+        checkpoint: checkpoint folder (a folder or a URI); several (``"A,B"`` or a list):
+            decoded as a log-prob-averaging ensemble (:mod:`hericap.models.ensemble`).
         split: ``val`` or ``test`` (or ``train``).
         out_dir: where results and scores go (default: the run folder).
         with_oracle: also score the human oracle (off for a second checkpoint on one split).
@@ -251,11 +302,12 @@ def evaluate_checkpoint(
             is ~6 s); None: one of its own, closed after.
     """
     t0 = time.time()
-    checkpoints = [Path(c).resolve() for c in split_checkpoints(checkpoint)]
-    # a CLIP set-up that cannot work fails before the decode, not after
+    checkpoints = [storage.resolve(c) for c in split_checkpoints(checkpoint)]
+    # a CLIP set-up that cannot work, or a cluster that cannot run it, fails before the decode
     check_clip_setup(cfg.evaluation.clip_checkpoint, cfg.evaluation.clip_model)
+    check_eval_cluster(cfg)
     images = split_references(cfg, split)
-    candidates = decode_split(cfg, checkpoints, images)
+    candidates, devices = decode_split(cfg, checkpoints, images)
     decode_s = time.time() - t0
     logger.info(
         "decoded %d %s images in %.0fs (%s)",
@@ -281,24 +333,39 @@ def evaluate_checkpoint(
             "split": split,
             "checkpoint": where,
             "training": training,
-            "decode": decode_record(cfg, checkpoints, decode_s),
+            "decode": decode_record(cfg, checkpoints, decode_s) | {"devices": devices},
             "evaluation": dataclasses.asdict(cfg.evaluation),
         }
     )
-    out = Path(out_dir or cfg.run_dir)
-    report["files"] = write_evaluation_files(
-        out,
-        split,
-        candidates,
-        report,
-        name=submission_name(cfg.evaluation.submission_name, cfg.exp.name),
-        source=images.source,
-        file_names=images.file_names.values(),
-        references=images.references,
-        domains=images.domains,
-        per_image=cfg.evaluation.per_image,
-        worst_n=cfg.evaluation.worst_images,
-    )
+    out = storage.resolve(out_dir or cfg.run_dir)
+    report["files"] = _write_files(cfg, out, split, candidates, report, images)
     report["eval_s"] = time.time() - t0
-    (out / f"{split}_scores.json").write_text(json.dumps(report, indent=1))
+    storage.write_text(storage.join(out, f"{split}_scores.json"), json.dumps(report, indent=1))
     return report
+
+
+def _write_files(
+    cfg: Config,
+    out: str,
+    split: str,
+    candidates: dict[str, str],
+    report: dict[str, Any],
+    images: SplitReferences,
+) -> dict[str, str]:
+    """:func:`write_evaluation_files` into ``out`` (a folder, or a URI: through a local
+    folder); returns ``{kind: location}``."""
+    kwargs = {
+        "name": submission_name(cfg.evaluation.submission_name, cfg.exp.name),
+        "source": images.source,
+        "file_names": images.file_names.values(),
+        "references": images.references,
+        "domains": images.domains,
+        "per_image": cfg.evaluation.per_image,
+        "worst_n": cfg.evaluation.worst_images,
+    }
+    if not storage.is_uri(out):
+        return write_evaluation_files(out, split, candidates, report, **kwargs)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = write_evaluation_files(tmp, split, candidates, report, **kwargs)
+        storage.copy_tree(tmp, out)
+    return {kind: storage.join(out, os.path.relpath(path, tmp)) for kind, path in files.items()}

@@ -102,6 +102,15 @@ def shard_dataset(
     return ds.randomize_block_order(seed=seed) if shuffle else ds
 
 
+def _call_with(fn):
+    """A plain function calling ``fn`` (Ray tasks take functions, not partials or objects)."""
+
+    def call(item):
+        return fn(item)
+
+    return call
+
+
 def run_on_ray(fn, items: Sequence, num_cpus: float = 1.0, max_in_flight: int = 0):
     """Run ``fn(item)`` for every item as Ray tasks; yield results as they finish.
 
@@ -110,7 +119,7 @@ def run_on_ray(fn, items: Sequence, num_cpus: float = 1.0, max_in_flight: int = 
     """
     if not items:
         return
-    task = ray.remote(num_cpus=num_cpus)(fn)
+    task = ray.remote(num_cpus=num_cpus)(_call_with(fn))
     limit = max_in_flight or max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
     pending = iter(items)
     in_flight = [task.remote(item) for item in itertools.islice(pending, limit)]

@@ -9,9 +9,9 @@
   time per replica, off the event loop.
 * ``GET /``: the web page (``static/index.html``, self-contained: no external scripts, styles or
   fonts): pick or drop an image, see the caption, the beams, the heatmaps, the model and timings.
-* ``GET /healthz``: the model id, the batching settings, the decoding settings (beam size, every
-  ``decode.*`` control: the checkpoint's unless the application's arguments set them) and the
-  upload limits.
+* ``GET /healthz``: the model id, the device it runs on, the batching settings, the decoding
+  settings (beam size, every ``decode.*`` control: the checkpoint's unless the application's
+  arguments set them) and the upload limits.
 * ``/docs``: OpenAPI (FastAPI's).
 
 Requests are batched by ``@serve.batch``; ``max_ongoing_requests`` is set above the batch size
@@ -70,6 +70,7 @@ DEFAULTS: dict[str, Any] = {
     "num_replicas": 1,
     "autoscaling": None,  # e.g. {"min_replicas": 1, "max_replicas": 4}; replaces num_replicas
     "num_cpus": 1.0,
+    "num_gpus": 0.0,  # > 0: each replica gets (a share of) a GPU and decodes there
     "torch_threads": 1,
     "max_bytes": ImageLimits.max_bytes,
     "max_pixels": ImageLimits.max_pixels,
@@ -254,6 +255,7 @@ class CaptionDeployment:
         return {
             "status": "ok",
             "model": self.service.id,
+            "device": str(self.service.torch_device),
             "max_batch_size": self.max_batch_size,
             "batch_wait_timeout_s": self.batch_wait_timeout_s,
             "decode": self.service.settings(),
@@ -311,7 +313,7 @@ def build_app(args: dict[str, Any]) -> Application:
     options: dict[str, Any] = {
         # room for a full batch waiting while another decodes
         "max_ongoing_requests": max(2 * max_batch, 8),
-        "ray_actor_options": {"num_cpus": float(a["num_cpus"])},
+        "ray_actor_options": {"num_cpus": float(a["num_cpus"]), "num_gpus": float(a["num_gpus"])},
     }
     if a["autoscaling"]:
         options["autoscaling_config"] = {

@@ -1,5 +1,7 @@
 """Captioning a batch of uploaded images with a checkpoint, and explaining one caption with
-per-word attention maps (no Ray: the Serve deployment and ``hericap caption`` both use it)."""
+per-word attention maps (no Ray: the Serve deployment and ``hericap caption`` both use it). The
+checkpoint is a folder or a URI (``s3://...``); the model runs on CUDA when present (bf16 autocast
+where the GPU supports it), else on the CPU."""
 
 from __future__ import annotations
 
@@ -7,7 +9,6 @@ import dataclasses
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,8 +16,10 @@ import torch
 from PIL import Image
 
 from hericap.checkpoint import load_checkpoint
+from hericap.data import storage
 from hericap.data.transforms import prepare_batch, resize_spec, resize_to_canvas
 from hericap.evaluation.explain import WordAttention, word_attention
+from hericap.evaluation.inference import autocast_for, pick_device
 from hericap.models.builder import decode_controls
 from hericap.models.decoding import DecodeControls, check_search_controls
 
@@ -73,9 +76,9 @@ def service_controls(checkpoint_decode: Any, overrides: Mapping[str, Any]) -> De
     return dataclasses.replace(decode_controls(checkpoint_decode), **given)
 
 
-def model_id(checkpoint: str | Path, meta: dict[str, Any]) -> str:
+def model_id(checkpoint: str, meta: dict[str, Any]) -> str:
     """``<run name>/epoch<N>`` of a checkpoint, for responses and logs."""
-    name = Path(checkpoint).resolve().parent.name
+    name = storage.basename(storage.parent(storage.resolve(checkpoint)))
     return f"{name}/epoch{meta.get('epoch', 0) + 1}" if meta else name
 
 
@@ -90,7 +93,8 @@ class CaptionService:
     ``decode.collapse_repeats``. ``decode``: decoding controls (``alpha``, ``min_len``,
     ``top_k``..., the ``decode.*`` names) over the checkpoint's own; a None value keeps the
     checkpoint's. ``seed``: the sampling generator's seed, per call (the same images give the
-    same samples).
+    same samples). ``device``: where the model runs (None: CUDA when present, else the CPU);
+    ``mixed_precision``: ``exp.mixed_precision`` (``auto``: bf16 on a GPU that supports it).
     """
 
     checkpoint: str
@@ -102,13 +106,17 @@ class CaptionService:
     decode: Mapping[str, Any] = field(default_factory=dict)
     sample: bool = False
     seed: int = 0
+    device: str | None = None
+    mixed_precision: str = "auto"
 
     def __post_init__(self) -> None:
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
         if self.n_best < 1:
             raise ValueError(f"n_best={self.n_best} must be >= 1")
-        self.loaded = load_checkpoint(self.checkpoint)  # weights_only=True, strict
+        self.torch_device = pick_device(self.device)
+        # weights_only=True, strict
+        self.loaded = load_checkpoint(self.checkpoint, device=self.torch_device)
         search = self.loaded.model.search
         if not self.sample and self.n_best > self.beam_size and search != "research":
             raise ValueError(f"n_best={self.n_best} must be in [1, beam_size={self.beam_size}]")
@@ -146,17 +154,20 @@ class CaptionService:
         t0 = time.perf_counter()
         model, vocab = self.loaded.model, self.loaded.vocab
         batch, sizes = self.prepare(images)
-        x, hw = prepare_batch(batch, sizes, model.input_multiple, model.zero_padding)
-        out = model.generate(
-            x,
-            beam_size=self.beam_size,
-            max_len=self.max_len,
-            n_best=self.n_best,
-            image_hw=hw,
-            controls=self.controls,
-            sample=self.sample,
-            generator=torch.Generator(device=x.device).manual_seed(self.seed),
+        x, hw = prepare_batch(
+            batch, sizes, model.input_multiple, model.zero_padding, self.torch_device
         )
+        with autocast_for(self.torch_device, self.mixed_precision):
+            out = model.generate(
+                x,
+                beam_size=self.beam_size,
+                max_len=self.max_len,
+                n_best=self.n_best,
+                image_hw=hw,
+                controls=self.controls,
+                sample=self.sample,
+                generator=torch.Generator(device=x.device).manual_seed(self.seed),
+            )
         decode_ms = 1000 * (time.perf_counter() - t0)
         results = []
         for tokens, log_probs, per_token in zip(

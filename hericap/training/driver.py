@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import ray
 import ray.data
 import ray.train
@@ -21,24 +23,28 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from hericap.checkpoint.warm_start import check_warm_start
-from hericap.config.loader import NotEnoughResourcesError, to_dict
+from hericap.config.loader import to_dict
 from hericap.config.schema import Config
+from hericap.data import storage
 from hericap.data.augment import train_augmentation
-from hericap.data.catalog import ensure_shards, first_image_ids
-from hericap.data.shards import Manifest, read_rows
+from hericap.data.catalog import ensure_shards, first_image_ids, seed_layout, shard_dir
+from hericap.data.shards import MANIFEST_NAME, Manifest, read_rows
 from hericap.data.text import Vocabulary
 from hericap.data.transforms import resize_spec
 from hericap.evaluation.diversity import caption_fingerprints
-from hericap.runtime.datasets import shard_dataset
+from hericap.runtime.cluster import check_resources, check_shared_locations
+from hericap.runtime.datasets import run_on_ray, shard_dataset
+from hericap.runtime.preflight import check_config, local_tracking_store, weight_files
 from hericap.training.loop import train_loop_per_worker
 from hericap.training.phases import configured_phases
 from hericap.training.run_logs import write_run_logs
-from hericap.training.run_storage import KEPT_BEST, RUN_NAME, KeepBest, RunStorage
+from hericap.training.run_storage import RUN_NAME, KeepBest, RunStorage, claim_run, storage_location
 from hericap.training.tracking import tracking_uri, uses_mlflow
 
 __all__ = [
     "TrainData",
     "TrainOutcome",
+    "check_cluster",
     "decode_concurrency",
     "select_data",
     "train",
@@ -54,26 +60,55 @@ CACHE_MAX_OBJECT_STORE_SHARE = 0.5
 
 @dataclass
 class TrainOutcome:
-    run_dir: Path
-    best_checkpoint: Path | None  # local copy; None when no epoch has been validated yet
+    """What a run left: locations (local copies when the run folder is local, else in the
+    run's storage), the best checkpoint's metrics and every epoch's."""
+
+    run_dir: str
+    best_checkpoint: str | None  # None when no epoch has been validated yet
     best_metrics: dict[str, Any]
     history: list[dict[str, Any]]
     wall_s: float
-    latest_checkpoint: Path  # the last one written (local storage: in Ray's run folder)
-    best_xe_checkpoint: Path | None = None  # runs with SCST: the best XE epoch, for comparison
+    latest_checkpoint: str  # the last one written
+    best_xe_checkpoint: str | None = None  # runs with SCST: the best XE epoch, for comparison
 
 
-def _check_gpus(cfg: Config) -> bool:
-    if cfg.exp.ngpus_per_node <= 0:
-        return False
-    have = int(ray.cluster_resources().get("GPU", 0))
-    if have < cfg.exp.world_size:
-        raise NotEnoughResourcesError(
-            f"exp.world_size={cfg.exp.world_size} workers with exp.ngpus_per_node="
-            f"{cfg.exp.ngpus_per_node} ask for {cfg.exp.world_size} GPUs, but the Ray cluster has "
-            f"{have}. To run on CPU: exp.ngpus_per_node=0 exp.world_size=N (N CPU workers)"
+def worker_bundle(cfg: Config) -> dict[str, float]:
+    """What one training worker (or evaluation actor) asks Ray for."""
+    return {"CPU": cfg.exp.cpus_per_worker, "GPU": 1.0 if cfg.exp.ngpus_per_node > 0 else 0.0}
+
+
+def check_cluster(cfg: Config) -> None:
+    """Refuse a run the cluster cannot hold or whose locations some node cannot reach, before
+    any data or worker starts.
+
+    Raises:
+        ConfigError: a plain path that workers on other nodes would use (multi-node cluster).
+        NotEnoughResourcesError: not enough CPUs or GPUs for ``exp.world_size`` workers.
+    """
+    shards = shard_dir(cfg)
+    locations = {"exp.storage_path": storage_location(cfg), "dataset.shard_dir": shards}
+    if not cfg.exp.resume:
+        locations.update(weight_files(cfg))
+        locations["exp.checkpoint"] = cfg.exp.checkpoint  # a warm start's weights
+    if local_tracking_store(cfg):  # rank 0, on any node, writes MLflow's local store
+        locations["exp.output_dir (MLflow's local store; or set $MLFLOW_TRACKING_URI)"] = (
+            cfg.exp.output_dir
         )
-    return True
+    if seed_layout(cfg) and not storage.exists(storage.join(shards, MANIFEST_NAME)):
+        locations["dataset.root"] = cfg.dataset.root  # its images are read by Ray tasks
+    check_shared_locations(locations, "training")
+    fix = (
+        "To run on CPU: exp.ngpus_per_node=0 exp.world_size=N (N CPU workers)"
+        if cfg.exp.ngpus_per_node > 0
+        else "Lower exp.world_size or exp.cpus_per_worker, or add nodes"
+    )
+    check_resources(
+        worker_bundle(cfg),
+        cfg.exp.world_size,
+        f"exp.world_size={cfg.exp.world_size} workers with exp.cpus_per_worker="
+        f"{cfg.exp.cpus_per_worker:g} and exp.ngpus_per_node={cfg.exp.ngpus_per_node}",
+        fix,
+    )
 
 
 def decode_concurrency(cfg: Config) -> int | None:
@@ -210,7 +245,7 @@ def _make_trainer(
     cfg: Config,
     data: TrainData,
     vocab: Vocabulary,
-    storage: RunStorage,
+    runs: RunStorage,
     use_gpu: bool,
     callbacks: list[ray.train.UserCallback],
 ) -> TorchTrainer:
@@ -224,7 +259,7 @@ def _make_trainer(
         train_loop_config={
             "config": to_dict(cfg),
             "vocab": vocab.to_dict(),
-            "val_files": [str(f.resolve()) for f in data.val_files],
+            "val_files": data.val_files,  # absolute paths or URIs
             "val_references": data.val_references,
             "train_references": data.train_references,
             "train_fingerprints": data.train_fingerprints,
@@ -236,61 +271,52 @@ def _make_trainer(
         scaling_config=ScalingConfig(
             num_workers=cfg.exp.world_size,
             use_gpu=use_gpu,
-            resources_per_worker={
-                "CPU": cfg.exp.cpus_per_worker,
-                **({"GPU": 1} if use_gpu else {}),
-            },
+            resources_per_worker={k: v for k, v in worker_bundle(cfg).items() if v},
         ),
         run_config=RunConfig(
             name=RUN_NAME,
-            storage_path=storage.path,
-            storage_filesystem=storage.fs if storage.remote else None,
+            storage_path=runs.path,
+            storage_filesystem=runs.fs if runs.remote else None,
             failure_config=FailureConfig(max_failures=cfg.exp.max_failures),
             # Ray keeps the last K (by time, so the latest: what a run resumes from); the best
             # ones are copied aside by KeepBest as they are reported.
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.optimizer.checkpoint_num_to_keep),
-            callbacks=[KeepBest(storage, VAL_METRIC), *callbacks],
+            callbacks=[KeepBest(runs, VAL_METRIC), *callbacks],
         ),
         datasets={"train": _train_dataset(cfg, data)},
         dataset_config=data_config,
     )
 
 
-def _run_storage(cfg: Config, run_dir: Path) -> RunStorage:
-    """Where the run's checkpoints go; a previous run of the same name is replaced unless
-    ``exp.resume``."""
-    storage = RunStorage.at(cfg.exp.storage_path or str(run_dir / "runs"))
-    if storage.exists(RUN_NAME) and not cfg.exp.resume:
-        logger.warning(
-            "replacing the previous run in %s (exp.resume=True continues it)",
-            storage.location(RUN_NAME),
-        )
-        for name in (RUN_NAME, *KEPT_BEST):
-            storage.delete(name)
-    return storage
-
-
-def train(cfg: Config, callbacks: list[ray.train.UserCallback] | None = None) -> TrainOutcome:
+def train(
+    cfg: Config,
+    callbacks: list[ray.train.UserCallback] | None = None,
+) -> TrainOutcome:
     """Train per ``cfg`` on the current Ray cluster (call :func:`init_ray` first).
+
+    Everything is checked before data or workers start: the config
+    (:func:`~hericap.runtime.preflight.check_config`), the cluster (:func:`check_cluster`) and
+    the run's previous outputs (:func:`~hericap.training.run_storage.claim_run`: an error
+    unless ``exp.resume`` or ``exp.overwrite``).
 
     ``callbacks`` run on the Ray Train controller after each report (a Tune sweep passes Ray
     Tune's ``TuneReportCallback`` here)."""
     t_start = time.time()
+    check_config(cfg, need_weights=not cfg.exp.resume)
     phases = configured_phases(cfg.optimizer)
     with_scst = any(p.kind == "sc" for p in phases)
-    use_gpu = _check_gpus(cfg)
-    manifest = ensure_shards(cfg)
+    check_cluster(cfg)
+    runs = claim_run(cfg)
+    manifest = ensure_shards(cfg, run=run_on_ray)
     # starting from a checkpoint's weights: its vocabulary (the output layer is its size)
     vocab = check_warm_start(cfg) if cfg.exp.checkpoint else Vocabulary.load(manifest.vocab_path)
-    run_dir = Path(cfg.run_dir).resolve()
-    storage = _run_storage(cfg, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = storage.resolve(cfg.run_dir)
     data = select_data(cfg, manifest, with_scst)
-    trainer = _make_trainer(cfg, data, vocab, storage, use_gpu, callbacks or [])
+    trainer = _make_trainer(cfg, data, vocab, runs, cfg.exp.ngpus_per_node > 0, callbacks or [])
     accum = cfg.optimizer.grad_accum_steps
     logger.info(
         "training %s: phases %s; %d optimiser steps per epoch, %d workers x batch %d x %d "
-        "accumulated; %d train images",
+        "accumulated; %d train images; checkpoints in %s",
         cfg.exp.name,
         ", ".join(f"{p.name} {p.epochs}" for p in phases),
         data.batches_per_epoch // accum,
@@ -298,37 +324,65 @@ def train(cfg: Config, callbacks: list[ray.train.UserCallback] | None = None) ->
         cfg.optimizer.batch_size,
         accum,
         data.n_train,
+        runs.base,
     )
     result = trainer.fit()
     if result.checkpoint is None:
-        raise RuntimeError(f"the run in {storage.location(RUN_NAME)} reported no checkpoint")
-    outcome = _collect(result, storage, run_dir, with_scst)
+        raise RuntimeError(f"the run in {runs.location(RUN_NAME)} reported no checkpoint")
+    outcome = _collect(result, runs, run_dir, with_scst)
     outcome.wall_s = time.time() - t_start
     return outcome
 
 
+def _write_logs(run_dir: str, history: list[dict], steps: list[dict]) -> None:
+    """The run logs into the run folder (through a local folder when it is a URI)."""
+    if not storage.is_uri(run_dir):
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        written = write_run_logs(run_dir, history, steps)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_run_logs(tmp, history, steps)
+            storage.delete_tree(storage.join(run_dir, "tensorboard"))
+            storage.copy_tree(tmp, run_dir)
+        written = {k: storage.join(run_dir, k) for k in ("metrics.csv", "steps.csv", "tensorboard")}
+    logger.info("metrics: %s; TensorBoard: %s", run_dir, written.get("tensorboard"))
+
+
 def _collect(
-    result: ray.train.Result, storage: RunStorage, run_dir: Path, with_scst: bool
+    result: ray.train.Result, runs: RunStorage, run_dir: str, with_scst: bool
 ) -> TrainOutcome:
-    """Local copies of the kept checkpoints, the run logs, and the best checkpoint's metrics."""
-    best_dir = storage.fetch("best", run_dir / "best")
-    best_xe_dir = storage.fetch("best_xe", run_dir / "best_xe") if with_scst else None
-    latest = Path(result.checkpoint.path)
-    if storage.remote:  # a local copy of the latest too (metrics; eval without S3)
-        latest = storage.fetch_checkpoint(result.checkpoint, run_dir / "latest")
+    """The kept checkpoints (copied into a local run folder), the run logs, and the best
+    checkpoint's metrics."""
+    local = not storage.is_uri(run_dir)
+
+    def kept(name: str) -> str | None:
+        if not runs.exists(name):
+            return None
+        if not local:
+            return runs.location(name)
+        storage.replace_tree(runs.join(name), storage.join(run_dir, name), source_fs=runs.fs)
+        return storage.join(run_dir, name)
+
+    best_dir = kept("best")
+    best_xe_dir = kept("best_xe") if with_scst else None
+    checkpoint = result.checkpoint
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        latest = checkpoint.path
+    elif local:  # a local copy of the latest too (metrics; eval without S3)
+        latest = storage.join(run_dir, "latest")
+        storage.replace_tree(checkpoint.path, latest, source_fs=checkpoint.filesystem)
+    else:
+        latest = storage.join(runs.base, checkpoint.path.removeprefix(runs.path).lstrip("/"))
     # The latest checkpoint carries every epoch's metrics (Ray's metrics_dataframe holds only
     # the checkpoints it kept).
-    meta = json.loads((latest / "meta.json").read_text())
+    meta = json.loads(storage.read_text(storage.join(latest, "meta.json")))
     history = meta.get("history", [])
-    logs = write_run_logs(run_dir, history, meta.get("steps", []))
-    logger.info(
-        "metrics: %s, %s; TensorBoard: %s", logs["metrics"], logs["steps"], logs["tensorboard"]
-    )
+    _write_logs(run_dir, history, meta.get("steps", []))
     best_metrics: dict[str, Any] = {}
     if best_dir is None:  # stopped (exp.steps_per_run) before any epoch was validated
         logger.warning("no validated checkpoint yet; resume the run (exp.resume=True)")
     else:
-        best_metrics = json.loads((best_dir / "meta.json").read_text())
+        best_metrics = json.loads(storage.read_text(storage.join(best_dir, "meta.json")))
         logger.info(
             "best checkpoint: epoch %d, val CIDEr %.3f -> %s",
             best_metrics["epoch"] + 1,

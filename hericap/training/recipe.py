@@ -179,11 +179,30 @@ class CaptionRecipe:
 
     def _setup_model(self) -> None:
         torch.manual_seed(self.cfg.exp.seed)  # identical initial weights on every rank
-        self.net = build_captioner(self.cfg.model, len(self.vocab), self.resize.model_size)
+        # a run that restores a checkpoint, or starts from one's weights (exp.checkpoint), takes
+        # every weight from it: the backbone / detector files are not read (they need not exist
+        # where it runs)
+        self.net = build_captioner(
+            self.cfg.model,
+            len(self.vocab),
+            self.resize.model_size,
+            load_pretrained=ray.train.get_checkpoint() is None and not self.cfg.exp.checkpoint,
+        )
         if self.cfg.optimizer.ema_decay > 0:
             self.ema = WeightEma(self.net, self.cfg.optimizer.ema_decay)
         summary = format_parameter_summary(self.net)
-        self._log("model: memories %s; %s", self.net.memory_names, summary)
+        nodes = [ray.get_runtime_context().get_node_id()]
+        if self.world > 1:
+            nodes = [None] * self.world
+            dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+        self.worker_nodes = len(set(nodes))
+        self._log(
+            "model: memories %s; %s; %d workers on %d node(s)",
+            self.net.memory_names,
+            summary,
+            self.world,
+            self.worker_nodes,
+        )
 
     def _restore(self) -> dict[str, Any] | None:
         """Load the run's latest checkpoint (weights, history, RNG, position), if any."""
@@ -554,6 +573,7 @@ class CaptionRecipe:
             ),
             # worker-group starts so far: 1 + resumes after failures or exp.resume
             "attempt": self.attempt,
+            "worker_nodes": self.worker_nodes,
             "epoch_train_s": train_time,
             "epoch_s": time.time() - state.start,
         }

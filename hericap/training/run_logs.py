@@ -9,11 +9,14 @@ draws ``curves.png`` from the CSVs (``hericap plot RUN_DIR``).
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from hericap.data import storage
 
 __all__ = ["plot_run", "read_csv", "write_csv", "write_run_logs"]
 
@@ -45,8 +48,9 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def read_csv(path: Path) -> list[dict[str, Any]]:
-    """Rows of a CSV written by :func:`write_csv`, numbers parsed back (empty cells: None)."""
+def read_csv(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a CSV written by :func:`write_csv` (a local path or a URI), numbers parsed back
+    (empty cells: None)."""
 
     def parse(value: str) -> Any:
         if value == "":
@@ -56,8 +60,8 @@ def read_csv(path: Path) -> list[dict[str, Any]]:
         except ValueError:
             return value
 
-    with path.open(newline="") as f:
-        return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    text = io.StringIO(storage.read_text(path), newline="")
+    return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(text)]
 
 
 def write_run_logs(
@@ -87,9 +91,9 @@ def write_run_logs(
     return out
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> str:
     """Draw loss, val CIDEr, SCST reward and learning rate against optimiser steps from the
-    run's CSVs into ``out`` (default ``RUN_DIR/curves.png``).
+    run's CSVs into ``out`` (default ``RUN_DIR/curves.png``; folders or URIs).
 
     Raises:
         FileNotFoundError: ``run_dir`` has no ``metrics.csv``.
@@ -99,14 +103,14 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "metrics.csv").is_file():
+    run_dir = storage.resolve(run_dir)
+    metrics, steps_csv = storage.join(run_dir, "metrics.csv"), storage.join(run_dir, "steps.csv")
+    if not storage.exists(metrics):
         raise FileNotFoundError(
-            f"{run_dir / 'metrics.csv'} not found: is {run_dir} a training run folder "
-            "(outputs/<exp.name>)?"
+            f"{metrics} not found: is {run_dir} a training run folder (outputs/<exp.name>)?"
         )
-    epochs = read_csv(run_dir / "metrics.csv")
-    steps = read_csv(run_dir / "steps.csv") if (run_dir / "steps.csv").is_file() else []
+    epochs = read_csv(metrics)
+    steps = read_csv(steps_csv) if storage.exists(steps_csv) else []
 
     def series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
         pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), float)]
@@ -140,9 +144,11 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, "not in this run", ha="center", va="center", transform=ax.transAxes)
-    fig.suptitle(f"{run_dir.name}: {len(epochs)} epochs")
-    path = Path(out) if out else run_dir / "curves.png"
-    fig.savefig(path, dpi=100)
+    fig.suptitle(f"{storage.basename(run_dir)}: {len(epochs)} epochs")
+    path = storage.resolve(out) if out else storage.join(run_dir, "curves.png")
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    storage.write_bytes(path, png.getvalue())
     logger.info("wrote %s", path)
     return path

@@ -15,23 +15,28 @@ A space file (``tune_spaces/*.yaml``) names fixed overrides and the searched key
 
 Each trial is a function trainable that builds and fits a ``TorchTrainer`` (Ray 2.60 refuses
 ``Tuner(TorchTrainer)``) and reports every epoch to Tune through Ray Tune's
-``TuneReportCallback``; the metric is val CIDEr. Sweeps live in ``outputs/<name>/sweep`` and
-resume with :func:`run_sweep` ``(resume=True)`` (``Tuner.restore``: finished trials are not
-rerun). At the end: ``results.csv``, ``trials.png`` and the best trial's checkpoint (its
-``config.json`` included) in ``outputs/<name>/best/`` with ``trial.json``.
+``TuneReportCallback``; the metric is val CIDEr. A sweep lives in ``<output_dir>/<name>`` (a
+folder or a URI such as ``s3://bucket/sweeps``): Tune's experiment in ``sweep/``, and each trial's
+run folder (checkpoints, kept best, logs) inside its trial folder there, written straight to that
+storage from whichever node runs the trial. Sweeps resume with :func:`run_sweep`
+``(resume=True)`` (``Tuner.restore``: finished trials are not rerun); a previous sweep of the
+same name is an error unless resumed or overwritten. At the end: ``results.csv``,
+``trials.png`` and the best trial's checkpoint (its ``config.json`` included) in ``best/`` with
+``trial.json``.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
@@ -40,11 +45,24 @@ from ray.tune.search.optuna import OptunaSearch
 
 from hericap.config.loader import ConfigError, load_config
 from hericap.config.schema import Config
+from hericap.data import storage
 from hericap.data.catalog import ensure_shards, shard_dir
+from hericap.runtime.cluster import check_shared_locations
+from hericap.runtime.datasets import run_on_ray
+from hericap.runtime.preflight import check_config
 from hericap.training.driver import VAL_METRIC, train
 from hericap.training.phases import configured_phases
 
-__all__ = ["SweepInterruptedError", "SweepSpace", "export_best", "load_space", "run_sweep"]
+__all__ = [
+    "EXPERIMENT",
+    "SweepExistsError",
+    "SweepInterruptedError",
+    "SweepSpace",
+    "claim_sweep",
+    "export_best",
+    "load_space",
+    "run_sweep",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +79,17 @@ SPACE_KEYS = {
 }
 
 
+# the Tune experiment's folder in the sweep folder
+EXPERIMENT = "sweep"
+
+
 class SweepInterruptedError(RuntimeError):
     """The sweep stopped before all its trials finished (Ctrl-C / SIGINT); its state is saved."""
+
+
+class SweepExistsError(FileExistsError):
+    """A sweep of this name already has outputs and neither ``--resume`` nor ``--overwrite``
+    was given."""
 
 
 @dataclass
@@ -97,13 +124,39 @@ class SweepSpace:
         return out
 
 
-def _example(spec: dict[str, list]) -> Any:
-    return next(iter(spec.values()))[0]
+def _candidates(kind: str, args: list) -> list[Any]:
+    """The values of a sampler a sweep can draw that bound it: every choice, both ends of a
+    range (``randint``'s high end is exclusive)."""
+    if kind == "choice":
+        return list(args)
+    if kind == "randint":
+        return [int(args[0]), int(args[1]) - 1]
+    return [float(args[0]), float(args[1])]
+
+
+def _check_sampler(path: str | Path, key: str, spec: Any) -> None:
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SAMPLERS:
+        raise ConfigError(f"{path}: {key}: give one sampler of {list(SAMPLERS)}, got {spec}")
+    (kind, args), *_ = spec.items()
+    if not isinstance(args, list) or not args or (kind != "choice" and len(args) != 2):
+        takes = "a list of values" if kind == "choice" else "[low, high]"
+        raise ConfigError(f"{path}: {key}: {kind} takes {takes}, got {args}")
+    if kind == "choice":
+        return
+    low, high = args
+    empty = not low < high or (kind == "randint" and high - low < 1)
+    if empty or (kind == "loguniform" and low <= 0):
+        raise ConfigError(
+            f"{path}: {key}: {kind} [{low}, {high}] is empty or invalid (low < high"
+            f"{'; low > 0' if kind == 'loguniform' else ''})"
+        )
 
 
 def load_space(path: str | Path, extra_overrides: list[str] = ()) -> SweepSpace:
-    """Read and check a space file: unknown keys, samplers or config keys are errors."""
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    """Read and check a space file before anything runs: unknown keys or samplers are errors,
+    and every value a trial can get (each choice, both ends of each range) must give a config
+    that passes :func:`~hericap.runtime.preflight.check_config`."""
+    raw = yaml.safe_load(storage.read_text(path)) or {}
     unknown = set(raw) - SPACE_KEYS
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(SPACE_KEYS)}")
@@ -112,35 +165,108 @@ def load_space(path: str | Path, extra_overrides: list[str] = ()) -> SweepSpace:
     space = SweepSpace(**raw)
     space.overrides = [*space.overrides, *extra_overrides]
     for key, spec in space.params.items():
-        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SAMPLERS:
-            raise ConfigError(f"{path}: {key}: give one sampler of {list(SAMPLERS)}, got {spec}")
-    # every searched key is a config key of the right type (checked with a sample value)
-    load_config(
-        [f"preset={space.preset}", *space.overrides]
-        + [f"{k}={_example(v)}" for k, v in space.params.items()]
-    )
+        _check_sampler(path, key, spec)
+    first = {k: _candidates(*next(iter(v.items())))[0] for k, v in space.params.items()}
+    tried: set[tuple] = set()
+    for key, spec in space.params.items():
+        for value in _candidates(*next(iter(spec.items()))):
+            params = {**first, key: value}
+            if tuple(params.items()) in tried:
+                continue
+            tried.add(tuple(params.items()))
+            try:
+                cfg = load_config(
+                    [f"preset={space.preset}", *space.overrides]
+                    + [f"{k}={v}" for k, v in params.items()]
+                )
+                check_config(cfg)
+            except ConfigError as e:
+                raise ConfigError(f"{path}: with {key}={value}: {e}") from e
     return space
 
 
-def _trial_config(space: SweepSpace, params: dict[str, Any], trial_dir: str, shards: str):
+def _trial_config(space: SweepSpace, params: dict[str, Any], trial: str, shards: str) -> Config:
+    """A trial's config: its run folder is the trial's folder in the sweep's storage (on S3 when
+    the sweep is), and it resumes its own checkpoints when Tune restarts it."""
     return load_config(
         [
             f"preset={space.preset}",
             *space.overrides,
             *(f"{k}={v}" for k, v in params.items()),
-            f"exp.output_dir={trial_dir}",
+            f"exp.output_dir={trial}",
             "exp.name=run",
+            "exp.resume=True",
             f"dataset.shard_dir={shards}",
         ]
     )
 
 
-def _trainable(params: dict[str, Any], space: SweepSpace, shards: str) -> None:
+def _trainable(params: dict[str, Any], space: SweepSpace, shards: str, experiment: str) -> None:
     """One trial: a Ray Train run whose epoch reports reach Tune (ASHA may stop it)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    cfg = _trial_config(space, params, tune.get_context().get_trial_dir(), shards)
-    train(cfg, callbacks=[TuneReportCallback()])
+    trial = storage.join(experiment, storage.basename(tune.get_context().get_trial_dir()))
+    train(_trial_config(space, params, trial, shards), callbacks=[TuneReportCallback()])
+
+
+def _sweep_outputs(sweep_root: str) -> list[str]:
+    names = (EXPERIMENT, "best", "results.csv", "trials.png")
+    found = [storage.join(sweep_root, n) for n in names]
+    return [location for location in found if storage.exists(location)]
+
+
+def claim_sweep(sweep_root: str, resume: bool, overwrite: bool, delete: bool = True) -> None:
+    """Make sure a previous sweep of the same name is not lost: ``resume`` continues it,
+    ``overwrite`` deletes it (when ``delete``; False only checks), neither is an error when it
+    exists.
+
+    Raises:
+        SweepExistsError: a previous sweep's outputs exist and neither flag is set.
+    """
+    if resume and overwrite:
+        raise ConfigError(
+            "--resume continues the previous sweep and --overwrite deletes it: give one of them"
+        )
+    found = [] if resume else _sweep_outputs(sweep_root)
+    if found and not overwrite:
+        raise SweepExistsError(
+            f"a sweep already has outputs in {sweep_root} ({', '.join(found)}): continue it "
+            "with --resume, delete them and start over with --overwrite, or choose another "
+            "--name"
+        )
+    for location in found if delete else ():
+        logger.warning("--overwrite: deleting %s", location)
+        storage.delete_tree(location)
+
+
+def _tuner(space: SweepSpace, base: Config, trainable: Any, sweep_root: str) -> tune.Tuner:
+    max_epochs = configured_phases(base.optimizer)[-1].end_epoch
+    search = ConcurrencyLimiter(
+        OptunaSearch(metric=VAL_METRIC, mode="max", seed=space.seed),
+        max_concurrent=space.max_concurrent,
+    )
+    scheduler = ASHAScheduler(
+        metric=VAL_METRIC,
+        mode="max",
+        max_t=max_epochs,
+        grace_period=int(space.asha.get("grace_period", 1)),
+        reduction_factor=float(space.asha.get("reduction_factor", 2)),
+    )
+    fs, path = storage.filesystem(sweep_root)
+    local = isinstance(fs, pafs.LocalFileSystem)
+    return tune.Tuner(
+        trainable,
+        param_space=space.tune_space(),
+        tune_config=tune.TuneConfig(
+            search_alg=search, scheduler=scheduler, num_samples=space.num_samples
+        ),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT,
+            storage_path=path,
+            storage_filesystem=None if local else fs,
+            verbose=1,
+        ),
+    )
 
 
 def run_sweep(
@@ -148,53 +274,38 @@ def run_sweep(
     name: str,
     output_dir: str = "outputs",
     resume: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) the sweep ``name`` on the current Ray cluster; write the results table,
-    the plot and the best trial's checkpoint.
+    the plot and the best trial's checkpoint. ``output_dir`` is a folder or a URI (on a
+    multi-node cluster it must be a URI every node reaches, as must the shards).
 
     ``resume`` restores an interrupted sweep (Ctrl-C, a lost driver) with ``Tuner.restore``:
-    finished trials keep their results, unfinished and errored ones run again, and the searcher
-    draws the samples still missing. A sweep stopped before all ``num_samples`` trials finished
-    raises :class:`SweepInterruptedError` instead of exporting a partial best."""
-    sweep_root = Path(output_dir, name).resolve()
-    experiment = sweep_root / "sweep"
+    finished trials keep their results, unfinished and errored ones run again (from their last
+    checkpoint), and the searcher draws the samples still missing. A sweep stopped before all
+    ``num_samples`` trials finished raises :class:`SweepInterruptedError` instead of exporting a
+    partial best. A previous sweep of that name is an error unless ``resume`` or ``overwrite``
+    (which deletes it)."""
+    sweep_root = storage.join(storage.resolve(output_dir), name)
+    experiment = storage.join(sweep_root, EXPERIMENT)
     base = space.base_config()
-    ensure_shards(base)  # once, before the trials: they all read the same shards
-    shards = str(shard_dir(base).resolve())
+    shards = shard_dir(base)
+    check_shared_locations({"--output-dir": sweep_root, "dataset.shard_dir": shards}, "a sweep")
+    claim_sweep(sweep_root, resume, overwrite)
+    ensure_shards(base, run=run_on_ray)  # once, before the trials: they all read the same shards
     trainable = tune.with_resources(
-        tune.with_parameters(_trainable, space=space, shards=shards), {"cpu": space.trial_cpus}
+        tune.with_parameters(_trainable, space=space, shards=shards, experiment=experiment),
+        {"cpu": space.trial_cpus},
     )
-    if resume and tune.Tuner.can_restore(str(experiment)):
+    fs, path = storage.filesystem(experiment)
+    fs_arg = None if isinstance(fs, pafs.LocalFileSystem) else fs
+    if resume and tune.Tuner.can_restore(path, storage_filesystem=fs_arg):
         logger.info("resuming the sweep in %s", experiment)
-        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(
+            path, trainable=trainable, resume_errored=True, storage_filesystem=fs_arg
+        )
     else:
-        if experiment.exists():
-            logger.warning("replacing the previous sweep in %s (--resume continues it)", experiment)
-            shutil.rmtree(experiment)
-        max_epochs = configured_phases(base.optimizer)[-1].end_epoch
-        search = ConcurrencyLimiter(
-            OptunaSearch(metric=VAL_METRIC, mode="max", seed=space.seed),
-            max_concurrent=space.max_concurrent,
-        )
-        scheduler = ASHAScheduler(
-            metric=VAL_METRIC,
-            mode="max",
-            max_t=max_epochs,
-            grace_period=int(space.asha.get("grace_period", 1)),
-            reduction_factor=float(space.asha.get("reduction_factor", 2)),
-        )
-        tuner = tune.Tuner(
-            trainable,
-            param_space=space.tune_space(),
-            tune_config=tune.TuneConfig(
-                search_alg=search, scheduler=scheduler, num_samples=space.num_samples
-            ),
-            run_config=tune.RunConfig(
-                name="sweep",
-                storage_path=str(sweep_root),
-                verbose=1,
-            ),
-        )
+        tuner = _tuner(space, base, trainable, sweep_root)
     grid = tuner.fit()
     # Tune catches the first SIGINT, saves the sweep, stops the running trials (they then read
     # TERMINATED) and returns normally; a trial that really ended (its last epoch, or stopped by
@@ -210,13 +321,7 @@ def run_sweep(
     return export_best(grid, space, sweep_root)
 
 
-def export_best(grid: tune.ResultGrid, space: SweepSpace, sweep_root: Path) -> dict[str, Any]:
-    """``results.csv``, ``trials.png`` and ``best/`` (checkpoint + ``trial.json``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _rows(grid: tune.ResultGrid, space: SweepSpace, experiment: str) -> list[dict[str, Any]]:
     rows = []
     for result in grid:
         config = {k: v for k, v in (result.config or {}).items() if k in space.params}
@@ -226,23 +331,25 @@ def export_best(grid: tune.ResultGrid, space: SweepSpace, sweep_root: Path) -> d
             if history is not None and VAL_METRIC in history
             else math.nan
         )
+        trial = storage.basename(result.path)
         rows.append(
             {
-                "trial": Path(result.path).name,
+                "trial": trial,
                 **config,
                 "best_val_CIDEr": best_val,
                 "epochs": 0 if history is None else len(history),
                 "status": "error" if result.error else "ok",
-                "path": result.path,
+                "path": storage.join(experiment, trial),
             }
         )
-    if not rows:
-        raise RuntimeError(f"the sweep in {sweep_root} has no trials")
-    table = sweep_root / "results.csv"
-    with table.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    return rows
+
+
+def _plot(rows: list[dict[str, Any]], space: SweepSpace, title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4))
     labels = [
@@ -251,32 +358,46 @@ def export_best(grid: tune.ResultGrid, space: SweepSpace, sweep_root: Path) -> d
     ax.bar(range(len(rows)), [r["best_val_CIDEr"] for r in rows])
     ax.set_xticks(range(len(rows)), labels, fontsize=6)
     ax.set_ylabel("best val CIDEr")
-    ax.set_title(f"{sweep_root.name}: {len(rows)} trials")
+    ax.set_title(f"{title}: {len(rows)} trials")
     fig.tight_layout()
-    png = sweep_root / "trials.png"
-    fig.savefig(png, dpi=90)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
+    return buf.getvalue()
+
+
+def export_best(grid: tune.ResultGrid, space: SweepSpace, sweep_root: str) -> dict[str, Any]:
+    """``results.csv``, ``trials.png`` and ``best/`` (checkpoint + ``trial.json``) in the sweep
+    folder (a folder or a URI); ``best/`` is replaced atomically."""
+    rows = _rows(grid, space, storage.join(sweep_root, EXPERIMENT))
+    if not rows:
+        raise RuntimeError(f"the sweep in {sweep_root} has no trials")
+    table = storage.join(sweep_root, "results.csv")
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.write_text(table, text.getvalue())
+    png = storage.join(sweep_root, "trials.png")
+    storage.write_bytes(png, _plot(rows, space, storage.basename(sweep_root)))
 
     scored = [r for r in rows if not math.isnan(r["best_val_CIDEr"])]
     if not scored:
         raise RuntimeError(f"no trial of {sweep_root} reported {VAL_METRIC}")
     winner = max(scored, key=lambda r: r["best_val_CIDEr"])
     # the trial's best checkpoint, kept by KeepBest even when ASHA stopped the trial
-    source = Path(winner["path"]) / "run" / "runs" / "best"
-    best = sweep_root / "best"
-    if best.exists():
-        shutil.rmtree(best)
-    shutil.copytree(source, best)
+    best = storage.join(sweep_root, "best")
+    storage.replace_tree(storage.join(winner["path"], "run", "runs", "best"), best)
     summary = {
         "trial": winner["trial"],
         "params": {k: winner[k] for k in space.params},
         VAL_METRIC: winner["best_val_CIDEr"],
         "trials": len(rows),
-        "results": str(table),
-        "plot": str(png),
-        "best": str(best),
+        "results": table,
+        "plot": png,
+        "best": best,
     }
-    (best / "trial.json").write_text(json.dumps(summary, indent=1))
+    storage.write_text(storage.join(best, "trial.json"), json.dumps(summary, indent=1))
     logger.info("best trial %s: val CIDEr %.4f -> %s", winner["trial"], summary[VAL_METRIC], best)
     return summary
 
