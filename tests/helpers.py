@@ -1,10 +1,12 @@
-"""Small helpers shared by the tests: free local ports, JPEG bytes of an array, and decoding
-encoded bytes to one canvas."""
+"""Small helpers shared by the tests: free local ports, JPEG bytes of an array, decoding
+encoded bytes to one canvas, and a client of a local MLflow store."""
 
 from __future__ import annotations
 
 import io
+import os
 import socket
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -43,3 +45,11 @@ def decode_image(data: bytes, spec: ResizeSpec | int) -> np.ndarray:
     """
     spec = ResizeSpec(size=spec) if isinstance(spec, int) else spec
     return resize_to_canvas(load_image(data), spec)[0]
+
+
+def mlflow_client(store: Path):
+    """A client of the local MLflow store ``store`` (MLflow 3 opens file stores when asked)."""
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return MlflowClient(tracking_uri=store.as_uri())

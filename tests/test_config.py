@@ -186,11 +186,15 @@ def test_presets_extend_their_base():
         # locations: a URI that lost its slashes (what Path does to s3://) is not a folder
         (["dataset.shard_dir=s3:/bucket/coco"], r"s3://bucket/coco"),
         (["exp.name=a/b"], "plain folder name"),
+        # tracking: a mode that exists, and MLflow's local store in a folder
+        (["exp.tracking=mlfow"], r"exp.tracking='mlfow'.*mlflow"),
+        (["exp.tracking=both", "exp.output_dir=s3://b/o"], r"set \$MLFLOW_TRACKING_URI"),
     ],
 )
-def test_every_value_is_checked_before_anything_starts(overrides, message):
+def test_every_value_is_checked_before_anything_starts(overrides, message, monkeypatch):
     from hericap.runtime.preflight import check_config
 
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(ConfigError, match=message):
         check_config(load_config(["preset=demo", *overrides], validate=False))
 

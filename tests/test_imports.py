@@ -3,7 +3,8 @@
 Every module of the package is parsed (imports inside functions count too) and each import of
 another ``hericap`` module is checked against :data:`LAYERS`; a new module is covered without
 editing a list. A subprocess then imports every module below the Ray layer and checks that Ray
-was never loaded, not even through a third-party package.
+was never loaded, not even through a third-party package. No library function is longer than
+:data:`MAX_FUNCTION_LINES`.
 """
 
 from __future__ import annotations
@@ -140,3 +141,32 @@ def test_ray_layers_do_import_ray():
         text=True,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+# the house rule for library functions: one job each, readable on one screen
+MAX_FUNCTION_LINES = 80
+
+
+def _long_functions(source: str, where: str) -> list[str]:
+    """``where:name (N lines)`` for each function (methods and nested ones included) longer
+    than :data:`MAX_FUNCTION_LINES` (from ``def`` to the last line, docstring included)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            lines = node.end_lineno - node.lineno + 1
+            if lines > MAX_FUNCTION_LINES:
+                found.append(f"{where}:{node.name} ({lines} lines)")
+    return found
+
+
+def test_no_library_function_is_longer_than_the_house_limit():
+    long = [
+        f for module, path in _modules().items() for f in _long_functions(path.read_text(), module)
+    ]
+    assert not long, long
+
+
+def test_the_length_check_catches_a_long_function():
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    assert _long_functions(f"def f():\n{body}\n", "m") == [f"m:f ({MAX_FUNCTION_LINES + 1} lines)"]
+    assert _long_functions("def g():\n    return 1\n", "m") == []

@@ -31,12 +31,13 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import requests
 import torch
 import yaml
-from helpers import free_port, jpeg
+from helpers import free_port, jpeg, mlflow_client
 from tiny_model import TINY_MODEL
 
 from hericap.checkpoint import load_checkpoint, save_checkpoint
@@ -263,7 +264,7 @@ def _start_checkpoint(args: list[str]) -> tuple[str, Vocabulary]:
     return location, vocab
 
 
-def _run_the_rayjob(cluster: dict, s3) -> None:
+def _run_the_rayjob(cluster: dict, s3, tmp_path: Path) -> None:
     """The RayJob's entrypoint through `ray job submit`: trains 2 workers on the 2 worker nodes
     from the S3 shards, starting from the weights and vocabulary of a checkpoint in S3 (a
     backbone LR of 0 keeps its extractor exactly as it was), keeps checkpoints, the best and the
@@ -276,7 +277,11 @@ def _run_the_rayjob(cluster: dict, s3) -> None:
     start, start_vocab = _start_checkpoint([*args, *CPU_TOY])
     warm = [f"exp.checkpoint={start}", "optimizer.xe_backbone_lr=0"]
     runtime_env = yaml.safe_load(job["runtimeEnvYAML"])
-    logs = _job(cluster, [python, script, *args, *CPU_TOY, *warm], runtime_env)
+    # MLflow: a store every node reaches (here: a folder of this machine, where all nodes run)
+    store = tmp_path / "mlruns"
+    runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] = store.as_uri()
+    tracked = ["exp.tracking=mlflow"]
+    logs = _job(cluster, [python, script, *args, *CPU_TOY, *warm, *tracked], runtime_env)
     assert "best checkpoint: epoch 1" in logs and "CIDEr" in logs  # trained, then scored test
     assert f"initialised from the weights of {start}" in logs
 
@@ -293,6 +298,18 @@ def _run_the_rayjob(cluster: dict, s3) -> None:
     assert any(not torch.equal(trained[k], initial[k]) for k in trained if k.startswith("decoder."))
     scores = json.loads(s3.get_object(Bucket=BUCKET, Key=f"{run}/test_scores.json")["Body"].read())
     assert scores["num_images"] == 8 and scores["checkpoint"] == f"s3://{BUCKET}/hericap/runs/best"
+    assert f"{run}/curves.png" in keys and not any(k.startswith(f"{run}/tensorboard") for k in keys)
+    # the MLflow run: logged live by rank 0 on a worker node, then the test scores and the
+    # files from the run folder in S3 by the job's driver
+    client = mlflow_client(store)
+    (found,) = client.search_runs(
+        [client.get_experiment_by_name("caption_finetune_region").experiment_id]
+    )
+    assert found.info.status == "FINISHED" and found.data.params["exp.tracking"] == "mlflow"
+    assert found.data.metrics["test/CIDEr"] == pytest.approx(scores["metrics"]["CIDEr"])
+    assert found.data.metrics["epoch/val_CIDEr"] == pytest.approx(best.meta["val_CIDEr"])
+    artefacts = {f.path for f in client.list_artifacts(found.info.run_id)}
+    assert artefacts == {"curves.png", "metrics.csv", "best_config.json", "test_scores.json"}
 
 
 def _run_the_sweep(cluster: dict, s3, tmp_path: Path) -> str:
@@ -304,13 +321,14 @@ def _run_the_sweep(cluster: dict, s3, tmp_path: Path) -> str:
     experiment = "sweeps/tiny/sweep"
     common = ["--space", str(REPO / "tune_spaces" / "tiny_cpu.yaml"), "--name", "tiny"]
     common += [f"dataset.shard_dir={sweeps}/shards", "--output-dir", sweeps]
+    common += ["exp.tracking=mlflow"]  # one MLflow run per trial, in the experiment "tiny"
+    store = tmp_path / "sweep_mlruns"
+    env = cluster["env"] | {"MLFLOW_TRACKING_URI": store.as_uri()}
     cmd = [sys.executable, "-m", "hericap.cli", "tune", *common]
     cmd += ["--ray-address", cluster["address"]]
     log_path = tmp_path / "tune.log"
     with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=cluster["env"]
-        )
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 420
         while not _finished_trials(cluster["temp_dir"]) and proc.poll() is None:
@@ -337,11 +355,10 @@ def _run_the_sweep(cluster: dict, s3, tmp_path: Path) -> str:
 
     before = results_in_s3()
     assert set(finished) <= set(before)
-    assert main(["tune", *common]) == 2  # refused before Ray starts: nothing is replaced
+    with mock.patch.dict(os.environ, {"MLFLOW_TRACKING_URI": store.as_uri()}):
+        assert main(["tune", *common]) == 2  # refused before Ray starts: nothing is replaced
 
-    resume = subprocess.run(
-        [*cmd, "--resume"], cwd=REPO, capture_output=True, text=True, env=cluster["env"]
-    )
+    resume = subprocess.run([*cmd, "--resume"], cwd=REPO, capture_output=True, text=True, env=env)
     assert resume.returncode == 0, resume.stdout[-3000:] + resume.stderr[-3000:]
     summary = json.loads(resume.stdout.strip().splitlines()[-1])
     assert summary["trials"] == 2 and summary["best"] == f"{sweeps}/tiny/best"
@@ -360,6 +377,15 @@ def _run_the_sweep(cluster: dict, s3, tmp_path: Path) -> str:
         saved["model"]["cap_generator"]["decoder_name"]
         == trial["params"]["model.cap_generator.decoder_name"]
     )
+    # MLflow: one finished run per trial, side by side in the sweep's experiment
+    client = mlflow_client(store)
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    done = [r for r in runs if r.info.status == "FINISHED"]
+    statuses = [(r.info.run_name, r.info.status) for r in runs]
+    assert len({r.info.run_name for r in done}) == 2, statuses
+    for run in done:
+        assert "val_CIDEr" in run.data.metrics
+        assert run.data.params["model.cap_generator.decoder_name"] in ("Parallel", "Sequential")
     return f"{sweeps}/tiny"
 
 
@@ -407,7 +433,7 @@ def test_the_shipped_configs_train_score_tune_and_serve_from_s3_on_two_nodes(
     from skimage import data
 
     s3 = _s3(moto_server)
-    _run_the_rayjob(cluster, s3)
+    _run_the_rayjob(cluster, s3, tmp_path)
     sweep = _run_the_sweep(cluster, s3, tmp_path)
     _serve_both(cluster, sweep, tmp_path)
     photo = tmp_path / "astronaut.jpg"

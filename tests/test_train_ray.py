@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import mlflow_client
 from PIL import Image
 from tiny_model import TINY_MODEL
 
@@ -258,6 +259,7 @@ def test_four_phases_freeze_then_finetune_under_ddp_with_accumulation(
         "decode.max_len=6",
         "optimizer.ema_decay=0.5",
         "exp.overwrite=True",
+        "exp.tracking=both",  # TensorBoard files and an MLflow run (local store)
     )
     outcome = train(cfg)
     assert outcome.best_metrics["val_CIDEr"] == max(h["val_CIDEr"] for h in outcome.history)
@@ -340,9 +342,36 @@ def test_four_phases_freeze_then_finetune_under_ddp_with_accumulation(
     assert {"epoch/val_CIDEr", "epoch/train_loss", "step/loss", "step/lr", "step/reward"} <= tags
     assert {"epoch/val_unique_share", "epoch/val_distinct_2"} <= tags
     assert [e.step for e in events.Scalars("epoch/val_CIDEr")] == [2, 4, 6, 8]
-    assert main(["plot", str(run_dir)]) == 0
-    with Image.open(run_dir / "curves.png") as png:
+    with Image.open(run_dir / "curves.png") as png:  # drawn at the end of the run
         assert png.format == "PNG" and png.size[0] > 500
+    (run_dir / "curves.png").unlink()
+    assert main(["plot", str(run_dir)]) == 0 and (run_dir / "curves.png").is_file()
+    _check_mlflow_run(tmp_path / "mlruns", "phases", outcome, steps)
+
+
+def _check_mlflow_run(store: Path, experiment: str, outcome, steps: list[dict]) -> None:
+    """The run's MLflow run, read back with MlflowClient: the config as parameters, every
+    logged step and every epoch as metrics, the curves, metrics and best config as artefacts."""
+    client = mlflow_client(store)
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert run.info.run_id == outcome.mlflow_run_id and run.info.status == "FINISHED"
+    assert run.data.params["optimizer.ema_decay"] == "0.5"
+    assert run.data.params["model.cap_generator.decoder_name"] == "Parallel"
+    val = client.get_metric_history(run.info.run_id, "epoch/val_CIDEr")
+    assert [(m.step, m.value) for m in val] == [
+        (h["step"], pytest.approx(h["val_CIDEr"])) for h in outcome.history
+    ]
+    loss = client.get_metric_history(run.info.run_id, "step/loss")
+    assert [(m.step, m.value) for m in loss] == [
+        (r["step"], pytest.approx(r["loss"])) for r in steps
+    ]
+    rewards = client.get_metric_history(run.info.run_id, "step/reward")  # the SCST steps
+    assert [m.step for m in rewards] == [r["step"] for r in steps if r["reward"] is not None]
+    artefacts = {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert artefacts == {"curves.png", "metrics.csv", "best_config.json"}
+    best = Path(client.download_artifacts(run.info.run_id, "best_config.json"))
+    best = json.loads(best.read_text())
+    assert best == json.loads((Path(outcome.best_checkpoint) / "config.json").read_text())
 
 
 def test_resume_from_s3_gives_the_weights_of_a_straight_run(
@@ -374,6 +403,7 @@ def test_resume_from_s3_gives_the_weights_of_a_straight_run(
 
     def stopped(*extra: str):
         more = [*common, "exp.storage_path=s3://runs/hericap", "optimizer.checkpoint_num_to_keep=1"]
+        more.append("exp.tracking=mlflow")
         return train(_shard_run_config("stopped", tmp_path, tiny_shards, *more, *extra))
 
     first = stopped("exp.steps_per_run=40", "exp.checkpoint_every_steps=35")
@@ -400,6 +430,15 @@ def test_resume_from_s3_gives_the_weights_of_a_straight_run(
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, different[:5]
     assert resumed.history[1]["train_loss"] == straight.history[1]["train_loss"]
+    # the resumed run continued its MLflow run: one run, both epochs, only MLflow's files
+    assert resumed.mlflow_run_id == first.mlflow_run_id is not None
+    client = mlflow_client(tmp_path / "mlruns")
+    (run,) = client.search_runs([client.get_experiment_by_name("stopped").experiment_id])
+    val = client.get_metric_history(run.info.run_id, "epoch/val_CIDEr")
+    assert [m.step for m in val] == [32, 64] and run.info.status == "FINISHED"
+    assert not (tmp_path / "stopped" / "tensorboard").exists()
+    assert client.get_experiment_by_name("straight") is None
+    assert (tmp_path / "straight" / "tensorboard").is_dir()  # the default: TensorBoard
 
     # retention in the bucket: Ray kept only the latest (K=1); the best by val CIDEr was copied
     # aside

@@ -87,3 +87,8 @@ def test_a_previous_sweep_is_an_error_naming_resume_and_overwrite(tmp_path, monk
         main(["tune", "--space", space, "--output-dir", str(tmp_path), "--resume", "--overwrite"])
         == 2
     )
+    # MLflow's local store (exp.tracking=mlflow, no $MLFLOW_TRACKING_URI) cannot live in S3
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    s3 = ["--output-dir", "s3://bucket/sweeps", "exp.tracking=mlflow"]
+    assert main(["tune", "--space", space, *s3]) == 2
+    assert "set $MLFLOW_TRACKING_URI" in capsys.readouterr().err

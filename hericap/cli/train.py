@@ -69,7 +69,19 @@ def _train_and_test(cfg, skip_test: bool = False, compare_xe: bool = False) -> d
                         "training",
                     )
                 }
+        if outcome.mlflow_run_id is not None:
+            _track_test(cfg, outcome.mlflow_run_id, report)
         return report
+
+
+def _track_test(cfg: Config, run_id: str, report: dict) -> None:
+    """The test scores (file and metrics) join the training run's MLflow run."""
+    from hericap.training.tracking import log_run_outputs, numeric_metrics, tracking_uri
+
+    metrics = numeric_metrics(report["metrics"], "test/")
+    metrics |= numeric_metrics(report.get("diversity") or {}, "test/")
+    files = {"test_scores.json": storage.join(cfg.run_dir, "test_scores.json")}
+    log_run_outputs(tracking_uri(cfg.exp.output_dir), run_id, files, metrics)
 
 
 def train_config(overrides: list[str], default_preset: str = "coco") -> Config:

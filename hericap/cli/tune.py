@@ -15,13 +15,20 @@ def cmd_tune(args: argparse.Namespace) -> int:
     """Ray Tune + Optuna + ASHA sweep over a space file; exports the best trial."""
     from hericap.data import storage
     from hericap.runtime.cluster import ray_session
-    from hericap.tune.sweep import SweepInterruptedError, claim_sweep, load_space, run_sweep
+    from hericap.tune.sweep import (
+        SweepInterruptedError,
+        check_sweep_tracking,
+        claim_sweep,
+        load_space,
+        run_sweep,
+    )
 
     storage.check_location(args.output_dir, "--output-dir")
     space = load_space(args.space, args.overrides)  # every value a trial can get is checked
     name = args.name or storage.basename(args.space).removesuffix(".yml").removesuffix(".yaml")
     sweep_root = storage.join(storage.resolve(args.output_dir), name)
     # before Ray starts; --overwrite deletes only once every check has passed (in run_sweep)
+    check_sweep_tracking(space.base_config(), args.output_dir)
     claim_sweep(sweep_root, args.resume, args.overwrite, delete=False)
     try:
         # a local cluster gets the preset's logical CPUs (demo: 4), as `hericap train` does: on

@@ -329,6 +329,29 @@ def _vocabulary_file(
     return previous.vocab_file if previous is not None else None
 
 
+def _build_shards(
+    plans: list[ShardPlan],
+    out: str,
+    source: str,
+    run: Callable[[Callable[[ShardPlan], dict], list[ShardPlan]], Iterable[dict]],
+    progress: bool,
+) -> list[dict]:
+    """Build the shards whose completion marker is missing (through ``run``); returns every
+    plan's marker, in plan order."""
+    markers, pending = _pending_plans(plans, out)
+    with tqdm(
+        total=len(plans),
+        initial=len(markers),
+        desc=f"prepare {source}",
+        unit="shard",
+        disable=not progress,
+    ) as bar:
+        for marker in run(functools.partial(_build_named, out=out, source=source), pending):
+            markers[marker["name"]] = marker
+            bar.update(1)
+    return [markers[p.name] for p in plans]
+
+
 def prepare_records(
     records: list[Record],
     out: str | Path,
@@ -367,18 +390,7 @@ def prepare_records(
     plans = plan_shards(records, shard_rows)
     splits = list(dict.fromkeys(p.split for p in plans))
     previous = _previous_dataset(out, splits, add)
-    markers, pending = _pending_plans(plans, out)
-    with tqdm(
-        total=len(plans),
-        initial=len(markers),
-        desc=f"prepare {source}",
-        unit="shard",
-        disable=not progress,
-    ) as bar:
-        for marker in run(functools.partial(_build_named, out=out, source=source), pending):
-            markers[marker["name"]] = marker
-            bar.update(1)
-    ordered = [markers[p.name] for p in plans]
+    ordered = _build_shards(plans, out, source, run, progress)
     shards = (previous.shards if previous else []) + [m["shard"] for m in ordered if m["shard"]]
     counts: Counter[str] = Counter()
     for s in shards:

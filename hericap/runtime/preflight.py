@@ -13,6 +13,7 @@ are :mod:`hericap.runtime.cluster`'s. Nothing here imports Ray.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import logging
 import os
@@ -76,6 +77,24 @@ def local_tracking_store(cfg: Config) -> bool:
     return cfg.exp.tracking in ("mlflow", "both") and not os.environ.get("MLFLOW_TRACKING_URI")
 
 
+def _check_tracking(cfg: Config) -> None:
+    """MLflow tracking needs MLflow installed, and a store: ``$MLFLOW_TRACKING_URI`` or a local
+    folder (``<exp.output_dir>/mlruns``, so not under a URI output folder)."""
+    if cfg.exp.tracking not in ("mlflow", "both"):
+        return
+    if importlib.util.find_spec("mlflow") is None:
+        raise ConfigError(
+            f"exp.tracking={cfg.exp.tracking} needs MLflow: pip install 'hericap[tracking]' "
+            "(mlflow-skinny), or exp.tracking=tensorboard"
+        )
+    if local_tracking_store(cfg) and storage.is_uri(cfg.exp.output_dir):
+        raise ConfigError(
+            f"exp.tracking={cfg.exp.tracking} keeps MLflow's local store in "
+            f"<exp.output_dir>/mlruns, a folder, but exp.output_dir={cfg.exp.output_dir} is a URI: "
+            "set $MLFLOW_TRACKING_URI to a tracking server, or exp.tracking=tensorboard"
+        )
+
+
 def _check_model(cfg: Config) -> None:
     """Build the model on the meta device; refuse a canvas the coarsest stride does not divide."""
     model_json = json.dumps(to_dict(cfg)["model"], sort_keys=True)
@@ -122,12 +141,8 @@ def check_config(cfg: Config, need_weights: bool = True, training: bool = True) 
                 storage.check_location(location, name)
             except ValueError as e:
                 raise ConfigError(str(e)) from e
-    if local_tracking_store(cfg) and storage.is_uri(cfg.exp.output_dir):
-        raise ConfigError(
-            f"exp.tracking={cfg.exp.tracking} keeps MLflow's local store in "
-            f"<exp.output_dir>/mlruns, a folder, but exp.output_dir={cfg.exp.output_dir} is a URI: "
-            "set $MLFLOW_TRACKING_URI to a tracking server, or exp.tracking=tensorboard"
-        )
+    if training:
+        _check_tracking(cfg)
     if need_weights:
         for name, location in weight_files(cfg).items():
             if location and not storage.exists(location):

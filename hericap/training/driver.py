@@ -22,6 +22,7 @@ import ray.train
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from hericap.checkpoint import CONFIG_FILE
 from hericap.checkpoint.warm_start import check_warm_start
 from hericap.config.loader import to_dict
 from hericap.config.schema import Config
@@ -37,9 +38,14 @@ from hericap.runtime.datasets import run_on_ray, shard_dataset
 from hericap.runtime.preflight import check_config, local_tracking_store, weight_files
 from hericap.training.loop import train_loop_per_worker
 from hericap.training.phases import configured_phases
-from hericap.training.run_logs import write_run_logs
+from hericap.training.run_logs import plot_run, write_run_logs
 from hericap.training.run_storage import RUN_NAME, KeepBest, RunStorage, claim_run, storage_location
-from hericap.training.tracking import tracking_uri, uses_mlflow
+from hericap.training.tracking import (
+    log_run_outputs,
+    tracking_uri,
+    uses_mlflow,
+    uses_tensorboard,
+)
 
 __all__ = [
     "TrainData",
@@ -70,6 +76,7 @@ class TrainOutcome:
     wall_s: float
     latest_checkpoint: str  # the last one written
     best_xe_checkpoint: str | None = None  # runs with SCST: the best XE epoch, for comparison
+    mlflow_run_id: str | None = None  # exp.tracking=mlflow|both: the run's MLflow run
 
 
 def worker_bundle(cfg: Config) -> dict[str, float]:
@@ -329,27 +336,42 @@ def train(
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"the run in {runs.location(RUN_NAME)} reported no checkpoint")
-    outcome = _collect(result, runs, run_dir, with_scst)
+    outcome = _collect(result, runs, run_dir, with_scst, cfg.exp.tracking)
+    if outcome.mlflow_run_id is not None:
+        files = {name: storage.join(run_dir, name) for name in ("curves.png", "metrics.csv")}
+        if outcome.best_checkpoint is not None:
+            files["best_config.json"] = storage.join(outcome.best_checkpoint, CONFIG_FILE)
+        uri = tracking_uri(cfg.exp.output_dir)
+        log_run_outputs(uri, outcome.mlflow_run_id, files, step=_last_step(outcome.history))
     outcome.wall_s = time.time() - t_start
     return outcome
 
 
-def _write_logs(run_dir: str, history: list[dict], steps: list[dict]) -> None:
-    """The run logs into the run folder (through a local folder when it is a URI)."""
+def _last_step(history: list[dict[str, Any]]) -> int:
+    return int(history[-1].get("step", 0)) if history else 0
+
+
+def _write_logs(run_dir: str, history: list[dict], steps: list[dict], tracking: str) -> None:
+    """The run logs into the run folder (through a local folder when it is a URI): the CSVs,
+    TensorBoard's event files when ``tracking`` asks for them, the curves unless it is
+    ``none``."""
+    tensorboard = uses_tensorboard(tracking)
     if not storage.is_uri(run_dir):
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        written = write_run_logs(run_dir, history, steps)
+        write_run_logs(run_dir, history, steps, tensorboard=tensorboard)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            write_run_logs(tmp, history, steps)
-            storage.delete_tree(storage.join(run_dir, "tensorboard"))
+            write_run_logs(tmp, history, steps, tensorboard=tensorboard)
+            if tensorboard:
+                storage.delete_tree(storage.join(run_dir, "tensorboard"))
             storage.copy_tree(tmp, run_dir)
-        written = {k: storage.join(run_dir, k) for k in ("metrics.csv", "steps.csv", "tensorboard")}
-    logger.info("metrics: %s; TensorBoard: %s", run_dir, written.get("tensorboard"))
+    if tracking != "none" and history:
+        plot_run(run_dir)
+    logger.info("metrics: %s%s", run_dir, "; TensorBoard: tensorboard/" if tensorboard else "")
 
 
 def _collect(
-    result: ray.train.Result, runs: RunStorage, run_dir: str, with_scst: bool
+    result: ray.train.Result, runs: RunStorage, run_dir: str, with_scst: bool, tracking: str
 ) -> TrainOutcome:
     """The kept checkpoints (copied into a local run folder), the run logs, and the best
     checkpoint's metrics."""
@@ -377,7 +399,7 @@ def _collect(
     # the checkpoints it kept).
     meta = json.loads(storage.read_text(storage.join(latest, "meta.json")))
     history = meta.get("history", [])
-    _write_logs(run_dir, history, meta.get("steps", []))
+    _write_logs(run_dir, history, meta.get("steps", []), tracking)
     best_metrics: dict[str, Any] = {}
     if best_dir is None:  # stopped (exp.steps_per_run) before any epoch was validated
         logger.warning("no validated checkpoint yet; resume the run (exp.resume=True)")
@@ -389,4 +411,13 @@ def _collect(
             best_metrics[VAL_METRIC],
             best_dir,
         )
-    return TrainOutcome(run_dir, best_dir, best_metrics, history, 0.0, latest, best_xe_dir)
+    return TrainOutcome(
+        run_dir,
+        best_dir,
+        best_metrics,
+        history,
+        0.0,
+        latest,
+        best_xe_dir,
+        mlflow_run_id=meta.get("mlflow_run_id"),
+    )

@@ -65,16 +65,22 @@ def read_csv(path: str | Path) -> list[dict[str, Any]]:
 
 
 def write_run_logs(
-    run_dir: str | Path, history: Sequence[dict[str, Any]], steps: Sequence[dict[str, Any]]
+    run_dir: str | Path,
+    history: Sequence[dict[str, Any]],
+    steps: Sequence[dict[str, Any]],
+    tensorboard: bool = True,
 ) -> dict[str, Path]:
-    """Write ``metrics.csv`` (one row per epoch), ``steps.csv`` and TensorBoard event files
-    (``tensorboard/``, rewritten whole) into ``run_dir``; returns what was written."""
-    from torch.utils.tensorboard import SummaryWriter
-
+    """Write ``metrics.csv`` (one row per epoch), ``steps.csv`` and, with ``tensorboard``,
+    TensorBoard event files (``tensorboard/``, rewritten whole) into ``run_dir``; returns what
+    was written."""
     run_dir = Path(run_dir)
     out = {"metrics": run_dir / "metrics.csv", "steps": run_dir / "steps.csv"}
     write_csv(out["metrics"], history)
     write_csv(out["steps"], steps)
+    if not tensorboard:
+        return out
+    from torch.utils.tensorboard import SummaryWriter
+
     tb_dir = run_dir / "tensorboard"
     if tb_dir.exists():
         shutil.rmtree(tb_dir)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,9 @@ from hericap.config.schema import TRACKING_MODES
 __all__ = [
     "TRACKING_MODES",
     "MlflowRun",
+    "file_store_opt_in",
     "flat_params",
+    "log_run_outputs",
     "numeric_metrics",
     "tracking_uri",
     "uses_mlflow",
@@ -63,6 +66,31 @@ def tracking_uri(output_dir: str) -> str:
     if uri:
         return uri
     return Path(output_dir, LOCAL_STORE).resolve().as_uri()
+
+
+def file_store_opt_in(uri: str) -> None:
+    """Let MLflow 3 open a local file store (``file:`` URIs) in this process."""
+    if uri.startswith("file:"):
+        os.environ.setdefault(FILE_STORE_OPT_IN, "true")
+
+
+def log_run_outputs(
+    uri: str,
+    run_id: str,
+    files: Mapping[str, str],
+    metrics: Mapping[str, float] | None = None,
+    step: int = 0,
+) -> list[str]:
+    """Add a finished training run's outputs to its MLflow run (``files``: artefact name ->
+    location, missing ones skipped; ``metrics``: e.g. the test scores) and mark it finished.
+    Returns the artefact names logged."""
+    run = MlflowRun(uri, experiment="", run_name="", run_id=run_id)
+    logged = run.log_files(files)
+    if metrics:
+        run.log_metrics(metrics, step)
+    run.end()
+    logger.info("MLflow run %s: logged %s", run_id, ", ".join(logged) or "no files")
+    return logged
 
 
 def flat_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -103,8 +131,7 @@ class MlflowRun:
     """
 
     def __init__(self, uri: str, experiment: str, run_name: str, run_id: str | None = None) -> None:
-        if uri.startswith("file:"):
-            os.environ.setdefault(FILE_STORE_OPT_IN, "true")
+        file_store_opt_in(uri)
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=uri)
@@ -135,10 +162,21 @@ class MlflowRun:
         for chunk in _chunks(items, _MAX_METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=chunk)
 
-    def log_artifacts(self, paths: Iterable[str | Path]) -> None:
-        for path in paths:
-            if Path(path).is_file():
-                self.client.log_artifact(self.run_id, str(path))
+    def log_files(self, files: Mapping[str, str], artifact_path: str | None = None) -> list[str]:
+        """Log files (local paths or URIs, by the artefact name they take) as artefacts; the
+        ones that do not exist are skipped. Returns the names logged."""
+        from hericap.data import storage
+
+        logged = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, location in files.items():
+                if not storage.exists(location) or storage.is_dir(location):
+                    continue
+                local = Path(tmp, name)
+                local.write_bytes(storage.read_bytes(location))
+                self.client.log_artifact(self.run_id, str(local), artifact_path=artifact_path)
+                logged.append(name)
+        return logged
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)

@@ -32,6 +32,7 @@ import io
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,12 +53,19 @@ from hericap.runtime.datasets import run_on_ray
 from hericap.runtime.preflight import check_config
 from hericap.training.driver import VAL_METRIC, train
 from hericap.training.phases import configured_phases
+from hericap.training.tracking import (
+    file_store_opt_in,
+    tracking_uri,
+    uses_mlflow,
+    uses_tensorboard,
+)
 
 __all__ = [
     "EXPERIMENT",
     "SweepExistsError",
     "SweepInterruptedError",
     "SweepSpace",
+    "check_sweep_tracking",
     "claim_sweep",
     "export_best",
     "load_space",
@@ -187,7 +195,10 @@ def load_space(path: str | Path, extra_overrides: list[str] = ()) -> SweepSpace:
 
 def _trial_config(space: SweepSpace, params: dict[str, Any], trial: str, shards: str) -> Config:
     """A trial's config: its run folder is the trial's folder in the sweep's storage (on S3 when
-    the sweep is), and it resumes its own checkpoints when Tune restarts it."""
+    the sweep is), and it resumes its own checkpoints when Tune restarts it. The sweep logs the
+    trial's MLflow run (:func:`_tracking_callbacks`), so the trial itself keeps only its
+    TensorBoard files, when asked for."""
+    tracking = space.base_config().exp.tracking
     return load_config(
         [
             f"preset={space.preset}",
@@ -197,8 +208,38 @@ def _trial_config(space: SweepSpace, params: dict[str, Any], trial: str, shards:
             "exp.name=run",
             "exp.resume=True",
             f"dataset.shard_dir={shards}",
+            f"exp.tracking={'tensorboard' if uses_tensorboard(tracking) else 'none'}",
         ]
     )
+
+
+def check_sweep_tracking(base: Config, output_dir: str) -> None:
+    """Refuse, before Ray starts, an MLflow local store that would live under a URI
+    ``output_dir`` (``exp.tracking=mlflow|both`` without ``$MLFLOW_TRACKING_URI``)."""
+    if not uses_mlflow(base.exp.tracking) or os.environ.get("MLFLOW_TRACKING_URI"):
+        return
+    if storage.is_uri(output_dir):
+        raise ConfigError(
+            f"exp.tracking={base.exp.tracking} keeps MLflow's local store under --output-dir, "
+            f"which is {output_dir}: set $MLFLOW_TRACKING_URI to a tracking server, or "
+            "exp.tracking=tensorboard"
+        )
+
+
+def _tracking_callbacks(base: Config, name: str, output_dir: str) -> list[tune.Callback]:
+    """With ``exp.tracking=mlflow|both``: Ray Tune's ``MLflowLoggerCallback``, one MLflow run
+    per trial (its parameters and every epoch's report) under an experiment named after the
+    sweep, in ``$MLFLOW_TRACKING_URI`` or ``<output_dir>/mlruns``. Logged by the sweep's
+    driver only."""
+    check_sweep_tracking(base, output_dir)
+    if not uses_mlflow(base.exp.tracking):
+        return []
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    uri = tracking_uri(output_dir)
+    file_store_opt_in(uri)
+    logger.info("MLflow: one run per trial in experiment %s at %s", name, uri)
+    return [MLflowLoggerCallback(tracking_uri=uri, experiment_name=name, save_artifact=False)]
 
 
 def _trainable(params: dict[str, Any], space: SweepSpace, shards: str, experiment: str) -> None:
@@ -239,7 +280,13 @@ def claim_sweep(sweep_root: str, resume: bool, overwrite: bool, delete: bool = T
         storage.delete_tree(location)
 
 
-def _tuner(space: SweepSpace, base: Config, trainable: Any, sweep_root: str) -> tune.Tuner:
+def _tuner(
+    space: SweepSpace,
+    base: Config,
+    trainable: Any,
+    sweep_root: str,
+    callbacks: list[tune.Callback],
+) -> tune.Tuner:
     max_epochs = configured_phases(base.optimizer)[-1].end_epoch
     search = ConcurrencyLimiter(
         OptunaSearch(metric=VAL_METRIC, mode="max", seed=space.seed),
@@ -265,6 +312,7 @@ def _tuner(space: SweepSpace, base: Config, trainable: Any, sweep_root: str) -> 
             storage_path=path,
             storage_filesystem=None if local else fs,
             verbose=1,
+            callbacks=callbacks,
         ),
     )
 
@@ -291,6 +339,7 @@ def run_sweep(
     base = space.base_config()
     shards = shard_dir(base)
     check_shared_locations({"--output-dir": sweep_root, "dataset.shard_dir": shards}, "a sweep")
+    callbacks = _tracking_callbacks(base, name, output_dir)
     claim_sweep(sweep_root, resume, overwrite)
     ensure_shards(base, run=run_on_ray)  # once, before the trials: they all read the same shards
     trainable = tune.with_resources(
@@ -305,7 +354,7 @@ def run_sweep(
             path, trainable=trainable, resume_errored=True, storage_filesystem=fs_arg
         )
     else:
-        tuner = _tuner(space, base, trainable, sweep_root)
+        tuner = _tuner(space, base, trainable, sweep_root, callbacks)
     grid = tuner.fit()
     # Tune catches the first SIGINT, saves the sweep, stops the running trials (they then read
     # TERMINATED) and returns normally; a trial that really ended (its last epoch, or stopped by
