@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,12 +89,34 @@ def test_bench_serve_runs_both_configurations(ray_cluster, capsys):
     assert out["device"] == "cpu" and out["preset"] == "demo"
 
 
-def test_bench_gpu_runs_xe_and_scst_steps_at_toy_size_on_cpu(capsys):
-    """What benchmarks/gpu_check.sh runs at paper size on a GPU, here on the CPU at toy size
-    (the Serve half of the GPU check is bench_serve.py, tested above)."""
-    argv = ["--device", "cpu", "--preset", "tiny", "--batch-size", "2", "--steps", "1"]
-    out = _run("bench_gpu", [*argv, "--warmup", "1", "--overrides", "decode.max_len=6"], capsys)
-    assert out["device"] == "cpu" and out["gpu"] is None and out["image_size"] == [64, 64]
+@pytest.mark.ray  # bench_serve.py starts its own local Ray cluster
+def test_the_gpu_check_script_runs_end_to_end_as_a_cpu_dry_run(tmp_path):
+    """``benchmarks/gpu_check.sh`` with ``GPU_CHECK_DEVICE=cpu`` at toy sizes: the tests marked
+    ``gpu`` (they skip here, with the reason), ``"bench_gpu"``'s XE and SCST steps and
+    ``bench_serve`` on the CPU; one JSON line with all three. A GPU session has minutes, so the
+    script must not be what fails there."""
+    env = dict(os.environ, GPU_CHECK_DEVICE="cpu", PYTHON=sys.executable)
+    env["SERVE_ARGS"] = (
+        "--preset demo --requests 4 --rounds 1 --concurrency 2 --replica-gpus 0 --beam-size 1"
+    )
+    bench_gpu = ["--preset", "tiny", "--batch-size", "2", "--steps", "1", "--warmup", "1"]
+    bench_gpu += ["--overrides", "decode.max_len=6"]
+    done = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_check.sh"), *bench_gpu],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    tests = out["tests"]
+    assert tests["exit_code"] == 0 and tests["failed"] == 0 and tests["skipped"] >= 1
+    train = out["train"]
+    assert train["device"] == "cpu" and train["gpu"] is None and train["image_size"] == [64, 64]
     for section in ("xe", "scst"):
-        assert out[section]["steps_per_s"] > 0 and out[section]["batch_size"] == 2
-        assert out[section]["peak_memory_gb"] is None  # measured on CUDA only
+        assert train[section]["steps_per_s"] > 0 and train[section]["batch_size"] == 2
+        assert train[section]["peak_memory_gb"] is None  # measured on CUDA only
+    serve = out["serve"]
+    assert serve["exit_code"] == 0 and serve["batched"]["errors"] == 0
+    assert serve["device"] == "cpu" and serve["preset"] == "demo"

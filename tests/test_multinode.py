@@ -320,8 +320,8 @@ def _run_the_sweep(cluster: dict, s3, tmp_path: Path) -> str:
     sweeps = f"s3://{BUCKET}/sweeps"
     experiment = "sweeps/tiny/sweep"
     common = ["--space", str(REPO / "tune_spaces" / "tiny_cpu.yaml"), "--name", "tiny"]
-    common += [f"dataset.shard_dir={sweeps}/shards", "--output-dir", sweeps]
-    common += ["exp.tracking=mlflow"]  # one MLflow run per trial, in the experiment "tiny"
+    # exp.tracking=mlflow: one MLflow run per trial, in the experiment "tiny"
+    common += [f"dataset.shard_dir={sweeps}/shards", "exp.tracking=mlflow", "--output-dir", sweeps]
     store = tmp_path / "sweep_mlruns"
     env = cluster["env"] | {"MLFLOW_TRACKING_URI": store.as_uri()}
     cmd = [sys.executable, "-m", "hericap.cli", "tune", *common]
