@@ -342,13 +342,9 @@ def train(
         if outcome.best_checkpoint is not None:
             files["best_config.json"] = storage.join(outcome.best_checkpoint, CONFIG_FILE)
         uri = tracking_uri(cfg.exp.output_dir)
-        log_run_outputs(uri, outcome.mlflow_run_id, files, step=_last_step(outcome.history))
+        log_run_outputs(uri, outcome.mlflow_run_id, files)
     outcome.wall_s = time.time() - t_start
     return outcome
-
-
-def _last_step(history: list[dict[str, Any]]) -> int:
-    return int(history[-1].get("step", 0)) if history else 0
 
 
 def _write_logs(run_dir: str, history: list[dict], steps: list[dict], tracking: str) -> None:
