@@ -21,6 +21,7 @@ import socket
 import sys
 import threading
 
+from helpers import free_ports
 from ray._private.services import get_node_ip_address
 from ray.cluster_utils import Cluster
 
@@ -38,6 +39,10 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("", 0))
         port = s.getsockname()[1]
+    # every node's dashboard agent (the job API's agent) on a port of its own: Ray's default,
+    # 52365 for all, goes to whichever agent starts first on this machine (the test session's
+    # own local cluster, say), and a head whose agent lost it accepts no job
+    agent_ports = free_ports(1 + args.workers)
     # Ray processes that look for "the" cluster (Ray Train's placement-group cleaner does) find
     # this one, not the test session's own local cluster beside it
     os.environ["RAY_ADDRESS"] = f"{get_node_ip_address()}:{port}"
@@ -51,10 +56,15 @@ def main() -> None:
             "dashboard_port": args.dashboard_port,
             "temp_dir": args.temp_dir,
             "object_store_memory": OBJECT_STORE_BYTES,
+            "dashboard_agent_listen_port": agent_ports[0],
         },
     )
-    for _ in range(args.workers):
-        cluster.add_node(num_cpus=args.cpus, object_store_memory=OBJECT_STORE_BYTES)
+    for agent_port in agent_ports[1:]:
+        cluster.add_node(
+            num_cpus=args.cpus,
+            object_store_memory=OBJECT_STORE_BYTES,
+            dashboard_agent_listen_port=agent_port,
+        )
     cluster.wait_for_nodes()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

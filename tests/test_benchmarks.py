@@ -2,8 +2,9 @@
 
 Each ``benchmarks/bench_*.py`` has a ``main(argv)`` that prints its figures as one JSON object on
 its last line and returns them; here each runs in-process with tiny arguments (the Ray ones on the
-session's shared cluster) and its keys are checked. No timing is asserted: speed is measured by
-running the benchmarks at full size, not by tests.
+session's shared cluster) and its keys are checked; ``bench_gpu`` and ``bench_serve`` run inside
+``gpu_check.sh``, whose dry run on the CPU is a subprocess. No timing is asserted: speed is
+measured by running the benchmarks at full size, not by tests.
 """
 
 from __future__ import annotations
@@ -79,22 +80,13 @@ def test_bench_data_runs_the_three_paths(ray_cluster, capsys):
     assert {"ray_vs_dataloader", "first_batch_s", "ray_time"} <= set(out)
 
 
-@pytest.mark.ray
-def test_bench_serve_runs_both_configurations(ray_cluster, capsys):
-    argv = ["--requests", "4", "--rounds", "1", "--concurrency", "2", "--max-batch-size", "2"]
-    out = _run("bench_serve", [*argv, "--beam-size", "1"], capsys)
-    assert out["batched"]["errors"] == 0 and out["unbatched"]["errors"] == 0
-    assert out["requests"] >= 2 and len(out["round_ratios"]) == 1
-    assert {"throughput_ratio", "p99_ratio", "model_only"} <= set(out)
-    assert out["device"] == "cpu" and out["preset"] == "demo"
-
-
 @pytest.mark.ray  # bench_serve.py starts its own local Ray cluster
-def test_the_gpu_check_script_runs_end_to_end_as_a_cpu_dry_run(tmp_path):
+def test_the_gpu_check_script_runs_end_to_end_as_a_cpu_dry_run():
     """``benchmarks/gpu_check.sh`` with ``GPU_CHECK_DEVICE=cpu`` at toy sizes: the tests marked
     ``gpu`` (they skip here, with the reason), ``"bench_gpu"``'s XE and SCST steps and
-    ``bench_serve`` on the CPU; one JSON line with all three. A GPU session has minutes, so the
-    script must not be what fails there."""
+    ``"bench_serve"``'s batched and unbatched endpoints on the CPU; one JSON line with all three
+    (each benchmark's own JSON inside). A GPU session has minutes, so the script must not be
+    what fails there."""
     env = dict(os.environ, GPU_CHECK_DEVICE="cpu", PYTHON=sys.executable)
     env["SERVE_ARGS"] = (
         "--preset demo --requests 4 --rounds 1 --concurrency 2 --replica-gpus 0 --beam-size 1"
@@ -118,5 +110,7 @@ def test_the_gpu_check_script_runs_end_to_end_as_a_cpu_dry_run(tmp_path):
         assert train[section]["steps_per_s"] > 0 and train[section]["batch_size"] == 2
         assert train[section]["peak_memory_gb"] is None  # measured on CUDA only
     serve = out["serve"]
-    assert serve["exit_code"] == 0 and serve["batched"]["errors"] == 0
-    assert serve["device"] == "cpu" and serve["preset"] == "demo"
+    assert serve["exit_code"] == 0 and serve["device"] == "cpu" and serve["preset"] == "demo"
+    assert serve["batched"]["errors"] == 0 and serve["unbatched"]["errors"] == 0
+    assert serve["requests"] >= 2 and len(serve["round_ratios"]) == 1
+    assert {"throughput_ratio", "p99_ratio", "model_only"} <= set(serve)
