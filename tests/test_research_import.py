@@ -176,19 +176,26 @@ def test_caption_json_reproduces_the_oracle_beams_from_the_command_line(
 
 @pytest.mark.realdata
 def test_detector_checkpoint_import_gives_the_research_detector_and_says_what_is_fresh(
-    oracle, tmp_path
+    oracle, moto_server
 ):
+    """Imported straight into S3 (a moto server): the folder there, vocabulary file as given."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=moto_server)
+    s3.create_bucket(Bucket="imports")
     report = import_research_checkpoint(
         "grit",
         oracle / "grit_parallel/detector_checkpoint.pth",
         oracle / "grit_parallel/detector_config.yaml",
         oracle / "vocab.json",
-        tmp_path / "det",
+        "s3://imports/det",
     )
-    assert report.kind == "detector" and report.fresh
+    assert report.out == "s3://imports/det" and report.kind == "detector" and report.fresh
+    vocab = s3.get_object(Bucket="imports", Key="det/vocab.json")["Body"].read()
+    assert vocab == (oracle / "vocab.json").read_bytes()
     assert all(k.startswith(("grid_encoder.", "decoder.")) for k in report.fresh)
     assert "GRIT's unused detection-token expansion in the patch merging" in report.dropped.values()
-    model = load_checkpoint(tmp_path / "det").model
+    model = load_checkpoint("s3://imports/det").model
     inputs = torch.load(oracle / "inputs.pt", weights_only=True)
     ref = torch.load(oracle / "grit_parallel/outputs.pt", weights_only=True)
     with torch.no_grad():

@@ -71,7 +71,7 @@ _DETECTOR_BRANCHES = ("extractor.", "region_encoder.")
 class ImportReport:
     """What an import did: the folder, the source's kind and hash, and every key's fate."""
 
-    out: Path
+    out: str  # the checkpoint folder or URI
     kind: str
     sha256: str
     mapped: dict[str, str] = field(default_factory=dict)
@@ -214,8 +214,9 @@ def import_research_checkpoint(
             "fresh": fresh,
         },
     }
-    folder = Path(save_checkpoint(out, model, cfg, vocabulary, meta))
-    (folder / VOCAB_FILE).write_bytes(vocab_bytes)  # the vocabulary file exactly as given
+    folder = save_checkpoint(out, model, cfg, vocabulary, meta)  # a folder or a URI
+    # the vocabulary file exactly as given
+    storage.write_bytes(storage.join(folder, VOCAB_FILE), vocab_bytes)
     report = ImportReport(folder, kind, sha256, mapping.mapped, mapping.dropped, fresh)
     for why, n in Counter(mapping.dropped.values()).items():
         logger.info("dropped %d keys: %s", n, why)

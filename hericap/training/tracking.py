@@ -65,6 +65,12 @@ def tracking_uri(output_dir: str) -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
+    from hericap.data import storage
+
+    if storage.is_uri(output_dir):  # the config checks refuse this before anything starts
+        raise ValueError(
+            f"MLflow's local store needs a folder, not {output_dir}: set $MLFLOW_TRACKING_URI"
+        )
     return Path(output_dir, LOCAL_STORE).resolve().as_uri()
 
 
