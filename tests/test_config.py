@@ -248,3 +248,19 @@ def test_the_configuration_reference_is_current_and_describes_every_key():
     for key in valid_keys():
         (row,) = [line for line in page.splitlines() if line.startswith(f"| `{key}` |")]
         assert row.rstrip(" |").rsplit("|", 1)[-1].strip(), f"{key} has no description"
+
+
+def test_overrides_may_follow_options_and_anything_else_is_refused(capsys):
+    """argparse alone refuses positionals split by an option; the CLI takes ``key=value`` words
+    anywhere after the command, and still refuses unknown options and stray words."""
+    from hericap.cli import parse_args
+
+    args = parse_args(["tune", "--space", "s.yaml", "a.b=1", "--output-dir", "o", "exp.x=2"])
+    assert args.overrides == ["a.b=1", "exp.x=2"] and args.output_dir == "o"
+    args = parse_args(["train", "preset=demo", "--no-test", "exp.name=x"])
+    assert args.overrides == ["preset=demo", "exp.name=x"] and args.no_test
+    split = ["tune", "--space", "s.yaml", "a.b=1", "--output-dir", "o"]
+    for argv in (["train", "--bogus"], [*split, "stray"], [*split, "--bogus=1"]):
+        with pytest.raises(SystemExit) as exit_:
+            parse_args(argv)
+        assert exit_.value.code == 2 and argv[-1] in capsys.readouterr().err
