@@ -21,6 +21,7 @@ one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shlex
@@ -199,7 +200,18 @@ def _job(cluster: dict, argv: list[str], runtime_env: dict, timeout: float = 600
     logs = subprocess.run(
         [ray, "job", "logs", "--address", address, job_id], env=env, capture_output=True, text=True
     ).stdout
-    assert "SUCCEEDED" in status, f"{status}\n{logs[-5000:]}"
+    if "SUCCEEDED" not in status:  # what the cluster held, for the failure's message
+        ask = functools.partial(subprocess.run, env=env, capture_output=True, text=True, timeout=60)
+        state = [
+            ask([ray, *cmd]).stdout[-2000:]
+            for cmd in (
+                ("status", "--address", cluster["address"]),
+                ("list", "placement-groups", "--address", address),
+                ("list", "actors", "--filter", "state!=DEAD", "--address", address),
+            )
+        ]
+        subprocess.run([ray, "job", "stop", "--address", address, job_id], env=env, timeout=60)
+        pytest.fail(f"{status}\n{logs[-5000:]}\n" + "\n".join(state))
     return logs
 
 
