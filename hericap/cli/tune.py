@@ -15,9 +15,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     """Ray Tune + Optuna + ASHA sweep over a space file; exports the best trial."""
     from hericap.data import storage
     from hericap.runtime.cluster import ray_session
+    from hericap.runtime.preflight import check_tracking
     from hericap.tune.sweep import (
         SweepInterruptedError,
-        check_sweep_tracking,
         claim_sweep,
         load_space,
         run_sweep,
@@ -28,7 +28,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     name = args.name or storage.basename(args.space).removesuffix(".yml").removesuffix(".yaml")
     sweep_root = storage.join(storage.resolve(args.output_dir), name)
     # before Ray starts; --overwrite deletes only once every check has passed (in run_sweep)
-    check_sweep_tracking(space.base_config(), args.output_dir)
+    check_tracking(space.base_config().exp.tracking, args.output_dir, "--output-dir")
     claim_sweep(sweep_root, args.resume, args.overwrite, delete=False)
     try:
         # a local cluster gets the preset's logical CPUs (demo: 4), as `hericap train` does: on

@@ -27,7 +27,14 @@ from hericap.data import storage
 from hericap.data.readers import READERS
 from hericap.data.transforms import resize_spec
 
-__all__ = ["DATASETS", "check_config", "local_tracking_store", "location_keys", "weight_files"]
+__all__ = [
+    "DATASETS",
+    "check_config",
+    "check_tracking",
+    "local_tracking_store",
+    "location_keys",
+    "weight_files",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -77,21 +84,22 @@ def local_tracking_store(cfg: Config) -> bool:
     return cfg.exp.tracking in ("mlflow", "both") and not os.environ.get("MLFLOW_TRACKING_URI")
 
 
-def _check_tracking(cfg: Config) -> None:
-    """MLflow tracking needs MLflow installed, and a store: ``$MLFLOW_TRACKING_URI`` or a local
-    folder (``<exp.output_dir>/mlruns``, so not under a URI output folder)."""
-    if cfg.exp.tracking not in ("mlflow", "both"):
+def check_tracking(mode: str, output_dir: str, where: str = "exp.output_dir") -> None:
+    """MLflow tracking (``mode`` mlflow|both) needs MLflow installed, and a store:
+    ``$MLFLOW_TRACKING_URI`` or a local folder (``<output_dir>/mlruns``, so not under a URI
+    ``output_dir``; ``where`` names the setting that gave it). Runs and sweeps share it."""
+    if mode not in ("mlflow", "both"):
         return
     if importlib.util.find_spec("mlflow") is None:
         raise ConfigError(
-            f"exp.tracking={cfg.exp.tracking} needs MLflow: pip install 'hericap[tracking]' "
+            f"exp.tracking={mode} needs MLflow: pip install 'hericap[tracking]' "
             "(mlflow-skinny), or exp.tracking=tensorboard"
         )
-    if local_tracking_store(cfg) and storage.is_uri(cfg.exp.output_dir):
+    if not os.environ.get("MLFLOW_TRACKING_URI") and storage.is_uri(output_dir):
         raise ConfigError(
-            f"exp.tracking={cfg.exp.tracking} keeps MLflow's local store in "
-            f"<exp.output_dir>/mlruns, a folder, but exp.output_dir={cfg.exp.output_dir} is a URI: "
-            "set $MLFLOW_TRACKING_URI to a tracking server, or exp.tracking=tensorboard"
+            f"exp.tracking={mode} keeps MLflow's local store in <{where}>/mlruns, a folder, "
+            f"but {where}={output_dir} is a URI: set $MLFLOW_TRACKING_URI to a tracking "
+            "server, or exp.tracking=tensorboard"
         )
 
 
@@ -142,7 +150,7 @@ def check_config(cfg: Config, need_weights: bool = True, training: bool = True) 
             except ValueError as e:
                 raise ConfigError(str(e)) from e
     if training:
-        _check_tracking(cfg)
+        check_tracking(cfg.exp.tracking, cfg.exp.output_dir)
     if need_weights:
         for name, location in weight_files(cfg).items():
             if location and not storage.exists(location):

@@ -32,7 +32,6 @@ import io
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,7 @@ from hericap.data import storage
 from hericap.data.catalog import ensure_shards, shard_dir
 from hericap.runtime.cluster import check_shared_locations
 from hericap.runtime.datasets import run_on_ray
-from hericap.runtime.preflight import check_config
+from hericap.runtime.preflight import check_config, check_tracking
 from hericap.training.driver import VAL_METRIC, train
 from hericap.training.phases import configured_phases
 from hericap.training.tracking import (
@@ -65,7 +64,6 @@ __all__ = [
     "SweepExistsError",
     "SweepInterruptedError",
     "SweepSpace",
-    "check_sweep_tracking",
     "claim_sweep",
     "export_best",
     "load_space",
@@ -213,25 +211,12 @@ def _trial_config(space: SweepSpace, params: dict[str, Any], trial: str, shards:
     )
 
 
-def check_sweep_tracking(base: Config, output_dir: str) -> None:
-    """Refuse, before Ray starts, an MLflow local store that would live under a URI
-    ``output_dir`` (``exp.tracking=mlflow|both`` without ``$MLFLOW_TRACKING_URI``)."""
-    if not uses_mlflow(base.exp.tracking) or os.environ.get("MLFLOW_TRACKING_URI"):
-        return
-    if storage.is_uri(output_dir):
-        raise ConfigError(
-            f"exp.tracking={base.exp.tracking} keeps MLflow's local store under --output-dir, "
-            f"which is {output_dir}: set $MLFLOW_TRACKING_URI to a tracking server, or "
-            "exp.tracking=tensorboard"
-        )
-
-
 def _tracking_callbacks(base: Config, name: str, output_dir: str) -> list[tune.Callback]:
     """With ``exp.tracking=mlflow|both``: Ray Tune's ``MLflowLoggerCallback``, one MLflow run
     per trial (its parameters and every epoch's report) under an experiment named after the
     sweep, in ``$MLFLOW_TRACKING_URI`` or ``<output_dir>/mlruns``. Logged by the sweep's
     driver only."""
-    check_sweep_tracking(base, output_dir)
+    check_tracking(base.exp.tracking, output_dir, "--output-dir")
     if not uses_mlflow(base.exp.tracking):
         return []
     from ray.air.integrations.mlflow import MLflowLoggerCallback
