@@ -201,18 +201,38 @@ def _job(cluster: dict, argv: list[str], runtime_env: dict, timeout: float = 600
         [ray, "job", "logs", "--address", address, job_id], env=env, capture_output=True, text=True
     ).stdout
     if "SUCCEEDED" not in status:  # what the cluster held, for the failure's message
-        ask = functools.partial(subprocess.run, env=env, capture_output=True, text=True, timeout=60)
-        state = [
-            ask([ray, *cmd]).stdout[-2000:]
-            for cmd in (
-                ("status", "--address", cluster["address"]),
-                ("list", "placement-groups", "--address", address),
-                ("list", "actors", "--filter", "state!=DEAD", "--address", address),
-            )
-        ]
+        state = _cluster_state(cluster, driver=argv[1])
         subprocess.run([ray, "job", "stop", "--address", address, job_id], env=env, timeout=60)
-        pytest.fail(f"{status}\n{logs[-5000:]}\n" + "\n".join(state))
+        pytest.fail(f"{status}\n{logs[-5000:]}\n{state}")
     return logs
+
+
+def _cluster_state(cluster: dict, driver: str) -> str:
+    """What the cluster holds when a job does not succeed: ``ray status``, placement groups,
+    live actors, the dead actors' causes, the job driver's Python stacks (py-spy) and the tail
+    of Ray Data's log."""
+    ray, address, env = str(BIN / "ray"), cluster["dashboard"], cluster["env"]
+    ask = functools.partial(subprocess.run, env=env, capture_output=True, text=True, timeout=60)
+    parts = [
+        ask([ray, *cmd]).stdout[-2000:]
+        for cmd in (
+            ("status", "--address", cluster["address"]),
+            ("list", "placement-groups", "--address", address),
+            ("list", "actors", "--filter", "state!=DEAD", "--address", address),
+        )
+    ]
+    dead_actors = ("list", "actors", "--filter", "state=DEAD", "--detail", "--format", "json")
+    dead = ask([ray, *dead_actors, "--address", address]).stdout
+    with contextlib.suppress(ValueError):
+        for actor in json.loads(dead or "[]"):
+            cause = json.dumps(actor.get("death_cause"))[:600]
+            parts.append(f"dead {actor.get('class_name')} pid {actor.get('pid')}: {cause}")
+    for pid in _pids_mentioning(driver):
+        parts.append(ask([str(BIN / "py-spy"), "dump", "--pid", str(pid)]).stdout[-4000:])
+    logs = Path(cluster["temp_dir"], "session_latest", "logs")
+    for log in sorted(logs.glob("ray-data*/*.log")) + sorted(logs.glob("ray-data*.log")):
+        parts.append(f"{log.name}:\n" + "\n".join(log.read_text().splitlines()[-40:]))
+    return "\n".join(parts)
 
 
 def _wait_healthy(url: str, timeout: float = 300) -> dict:
