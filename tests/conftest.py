@@ -87,6 +87,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(no_gpu)
 
 
+def _ray_processes() -> list[psutil.Process]:
+    """This process's children that Ray started (GCS, raylet, dashboard, ...; their executables
+    and scripts live in Ray's package) and all their descendants; not the other fixtures'
+    processes (the moto server, the METEOR JVM), which Ray's shutdown does not stop."""
+    import ray
+
+    package = os.path.dirname(ray.__file__) + os.sep
+    found = []
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):
+            if any(part.startswith(package) for part in child.cmdline()[:2]):
+                found += [child, *child.children(recursive=True)]
+    return found
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for the whole session (4 logical CPUs on this 2-core machine)."""
@@ -99,7 +114,7 @@ def ray_cluster():
         # the cluster's processes (GCS, raylet and every worker it forked) are this process's
         # descendants now; a worker that outlives shutdown (a Train controller left by the
         # interrupted sweep was one) is stopped here by PID rather than left to the machine
-        descendants = psutil.Process().children(recursive=True)
+        descendants = _ray_processes()
         ray.shutdown()
         _, alive = psutil.wait_procs(descendants, timeout=20)
         for proc in alive:

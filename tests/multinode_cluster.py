@@ -23,6 +23,7 @@ import threading
 
 from helpers import free_ports
 from ray._private.services import get_node_ip_address
+from ray._private.utils import write_ray_address
 from ray.cluster_utils import Cluster
 
 # per node: Ray's default of 30% of RAM each would over-commit this machine
@@ -66,6 +67,12 @@ def main() -> None:
             dashboard_agent_listen_port=agent_port,
         )
     cluster.wait_for_nodes()
+    # as `ray start --temp-dir` does: the cluster's address in its own temp folder, where the
+    # job agent looks for "the" cluster of its node when it starts a job's driver. Without it
+    # (ray.cluster_utils writes only /tmp/ray's), the agent picks any GCS running on the machine:
+    # with the test session's local cluster beside this one, the driver joined that one about
+    # half the time (training ran on 1 node, and the test split's actors never started)
+    write_ray_address(cluster.address, args.temp_dir)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()

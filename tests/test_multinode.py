@@ -314,6 +314,7 @@ def _run_the_rayjob(cluster: dict, s3, tmp_path: Path) -> None:
     runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] = store.as_uri()
     tracked = ["exp.tracking=mlflow"]
     logs = _job(cluster, [python, script, *args, *CPU_TOY, *warm, *tracked], runtime_env)
+    assert f"Ray: cluster at {cluster['address']}, 3 node(s)" in logs  # this cluster's driver
     assert "best checkpoint: epoch 1" in logs and "CIDEr" in logs  # trained, then scored test
     assert f"initialised from the weights of {start}" in logs
 

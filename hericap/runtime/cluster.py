@@ -58,7 +58,12 @@ def init_ray(
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    logger.info("Ray: %s", ray.cluster_resources())
+    logger.info(
+        "Ray: cluster at %s, %d node(s), %s",
+        ray.get_runtime_context().gcs_address,
+        len(alive_nodes()),
+        ray.cluster_resources(),
+    )
     return True
 
 
