@@ -102,9 +102,11 @@ def _pids_mentioning(text: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def cluster(moto_server, tmp_path_factory):
+def cluster(ray_cluster, moto_server, tmp_path_factory):
     """The multi-node cluster (nodes inherit the S3 settings and this tree), a bucket, and the
-    synthetic dataset at the RayJob's shard location, written by `hericap prepare`."""
+    synthetic dataset at the RayJob's shard location, written by `hericap prepare`. The test
+    session's local cluster runs beside it on the machine (``ray_cluster``), as another cluster
+    may on a user's: jobs, sweeps and services must reach this one all the same."""
     import boto3
 
     temp = tempfile.mkdtemp(prefix="hcm", dir="/tmp")  # short: Ray's socket paths
