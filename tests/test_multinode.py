@@ -229,8 +229,9 @@ def _cluster_state(cluster: dict, driver: str) -> str:
         for actor in json.loads(dead or "[]"):
             cause = json.dumps(actor.get("death_cause"))[:600]
             parts.append(f"dead {actor.get('class_name')} pid {actor.get('pid')}: {cause}")
-    for pid in _pids_mentioning(driver):
-        parts.append(ask([str(BIN / "py-spy"), "dump", "--pid", str(pid)]).stdout[-4000:])
+    py_spy = BIN / "py-spy"  # installed with ray[serve]'s dependencies
+    for pid in _pids_mentioning(driver) if py_spy.exists() else []:
+        parts.append(ask([str(py_spy), "dump", "--pid", str(pid)]).stdout[-4000:])
     logs = Path(cluster["temp_dir"], "session_latest", "logs")
     for log in sorted(logs.glob("ray-data*/*.log")) + sorted(logs.glob("ray-data*.log")):
         parts.append(f"{log.name}:\n" + "\n".join(log.read_text().splitlines()[-40:]))
