@@ -32,6 +32,7 @@ RESIZE_MODES = ("square", "max_side", "maxwh")
 AUGMENTATIONS = ("none", "randaugment")
 MIXED_PRECISION = ("auto", "bf16", "no")
 TRACKING_MODES = ("tensorboard", "mlflow", "both", "none")
+MLFLOW_MODES = ("mlflow", "both")  # the exp.tracking values that log to MLflow
 # What a COCO test-server / EvalAI submission name may hold.
 SUBMISSION_NAME = re.compile(r"[A-Za-z0-9-]+")
 

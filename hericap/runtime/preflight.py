@@ -22,7 +22,7 @@ import torch
 
 from hericap.config.checks import check_training
 from hericap.config.loader import ConfigError, from_dict, to_dict
-from hericap.config.schema import Config
+from hericap.config.schema import MLFLOW_MODES, Config
 from hericap.data import storage
 from hericap.data.readers import READERS
 from hericap.data.transforms import resize_spec
@@ -81,21 +81,25 @@ def _coarsest_stride(model_json: str, model_size: int | tuple[int, int]) -> int:
 def local_tracking_store(cfg: Config) -> bool:
     """Whether the run's MLflow runs go to the local store under ``exp.output_dir`` (MLflow
     tracking on, no ``$MLFLOW_TRACKING_URI``)."""
-    return cfg.exp.tracking in ("mlflow", "both") and not os.environ.get("MLFLOW_TRACKING_URI")
+    return _local_store(cfg.exp.tracking)
+
+
+def _local_store(mode: str) -> bool:
+    return mode in MLFLOW_MODES and not os.environ.get("MLFLOW_TRACKING_URI")
 
 
 def check_tracking(mode: str, output_dir: str, where: str = "exp.output_dir") -> None:
     """MLflow tracking (``mode`` mlflow|both) needs MLflow installed, and a store:
     ``$MLFLOW_TRACKING_URI`` or a local folder (``<output_dir>/mlruns``, so not under a URI
     ``output_dir``; ``where`` names the setting that gave it). Runs and sweeps share it."""
-    if mode not in ("mlflow", "both"):
+    if mode not in MLFLOW_MODES:
         return
     if importlib.util.find_spec("mlflow") is None:
         raise ConfigError(
             f"exp.tracking={mode} needs MLflow: pip install 'hericap[tracking]' "
             "(mlflow-skinny), or exp.tracking=tensorboard"
         )
-    if not os.environ.get("MLFLOW_TRACKING_URI") and storage.is_uri(output_dir):
+    if _local_store(mode) and storage.is_uri(output_dir):
         raise ConfigError(
             f"exp.tracking={mode} keeps MLflow's local store in <{where}>/mlruns, a folder, "
             f"but {where}={output_dir} is a URI: set $MLFLOW_TRACKING_URI to a tracking "

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from hericap.config.schema import TRACKING_MODES
+from hericap.config.schema import MLFLOW_MODES, TRACKING_MODES
 
 __all__ = [
     "TRACKING_MODES",
@@ -52,7 +52,7 @@ _MAX_PARAM_CHARS = 6000
 
 
 def uses_mlflow(mode: str) -> bool:
-    return mode in ("mlflow", "both")
+    return mode in MLFLOW_MODES
 
 
 def uses_tensorboard(mode: str) -> bool:
